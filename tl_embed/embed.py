@@ -1,0 +1,268 @@
+"""Embed a folder: scan -> plan (new / changed / deleted) -> decode in parallel -> runtime -> store.
+
+Resuming is just planning: committed images are unchanged on the next run, so a killed run continues
+where its last committed batch ended.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .backbones import BackboneSpec, LoadedBackbone, check_compatible, load_backbone
+from .errors import StoreError, TlEmbedError
+from .images import DecodedImage, ImageDecodeError, is_image_file, load_image
+from .store import MANIFEST, EmbeddingStore, Failure, ManifestRow
+
+SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """A file found by :func:`scan`; ``rel`` uses forward slashes, relative to the root."""
+
+    rel: str
+    path: Path
+    label: str | None
+    split: str | None
+    size: int
+    mtime_ns: int
+
+
+def scan(root: str | os.PathLike) -> list[ImageFile]:
+    """All image files under ``root`` (recursive, sorted; hidden files and folders skipped).
+
+    Labels follow ``image_dataset_from_directory``: the first sub-folder; a top level named
+    train/val/validation/test is the split and the next level is the label.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise TlEmbedError(f"{root} is not a folder of images")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and
+                             not (Path(dirpath, d) / MANIFEST).exists())  # skip stores inside
+        for name in sorted(filenames):
+            path = Path(dirpath, name)
+            if not is_image_file(path):
+                continue
+            rel = path.relative_to(root).as_posix()
+            label, split = label_and_split(rel)
+            st = path.stat()
+            found.append(ImageFile(rel, path, label, split, st.st_size, st.st_mtime_ns))
+    return found
+
+
+def label_and_split(rel: str) -> tuple[str | None, str | None]:
+    parts = rel.split("/")[:-1]
+    split = None
+    if parts and parts[0].lower() in SPLIT_NAMES:
+        split = SPLIT_NAMES[parts[0].lower()]
+        parts = parts[1:]
+    return (parts[0] if parts else None), split
+
+
+@dataclass
+class Plan:
+    """What a run must do to bring the store up to date with the folder."""
+
+    todo: list[ImageFile]
+    unchanged: int
+    known_failures: list[Failure]  # failed before and not modified since: not retried
+    deleted: list[str]
+
+
+def plan(files: list[ImageFile], store: EmbeddingStore | None) -> Plan:
+    if store is None:
+        return Plan(list(files), 0, [], [])
+    todo, unchanged, known = [], 0, []
+    failures = {f.path: f for f in store.failures}
+    for f in files:
+        row = store.row_for(f.rel)
+        if row and (row.size, row.mtime_ns, row.label, row.split) == (f.size, f.mtime_ns, f.label, f.split):
+            unchanged += 1
+        elif (fail := failures.get(f.rel)) and (fail.size, fail.mtime_ns) == (f.size, f.mtime_ns):
+            known.append(fail)
+        else:
+            todo.append(f)
+    present = {f.rel for f in files}
+    deleted = [r.path for r in store.rows if r.path not in present]
+    deleted += [p for p in failures if p not in present]
+    return Plan(todo, unchanged, known, deleted)
+
+
+@dataclass
+class EmbedReport:
+    store: Path
+    spec: BackboneSpec | None
+    embedded: int = 0
+    unchanged: int = 0  # includes files whose mtime changed but content did not
+    removed: int = 0
+    failed: list[Failure] = field(default_factory=list)
+    seconds: float = 0.0
+    embed_seconds: float = 0.0  # decode + inference only, excluding model loading
+    total: int = 0
+    interrupted: bool = False
+
+    def text(self) -> str:
+        rate = (f" ({self.embedded / self.embed_seconds:.1f} images/s)"
+                if self.embedded and self.embed_seconds else "")
+        parts = [f"{self.embedded} embedded{rate}", f"{self.unchanged} unchanged (skipped)"]
+        if self.removed:
+            parts.append(f"{self.removed} removed (deleted from the folder)")
+        parts.append(f"{len(self.failed)} failed")
+        head = "Interrupted: " if self.interrupted else "Done: "
+        msg = (f"{head}{', '.join(parts)} in {self.seconds:.1f} s. Store {self.store} holds "
+               f"{self.total} embeddings")
+        msg += f" from {self.spec.describe()}." if self.spec else "."
+        if self.interrupted:
+            msg += " Everything committed so far is kept; run the same command again to continue."
+        if self.failed:
+            shown = "; ".join(f"{f.path}: {f.reason}" for f in self.failed[:10])
+            more = f"; and {len(self.failed) - 10} more (`tl-embed info`)" if len(self.failed) > 10 else ""
+            msg += f" Failed: {shown}{more}."
+        return msg
+
+
+def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str = "mobilenet_v2",
+                 weights: str = "imagenet", pooling: str = "avg", layer: str | None = None,
+                 preprocess: str | None = None, dtype: str = "float32", batch_size: int = 64,
+                 workers: int | None = None, runtime: str = "auto", progress: bool = True,
+                 loader: Callable[..., LoadedBackbone] = load_backbone) -> EmbedReport:
+    """Bring the store at ``out`` up to date with the image folder ``images``."""
+    from .runtime import make_runtime
+
+    t0 = time.perf_counter()
+    if batch_size < 1:
+        raise TlEmbedError("--batch-size must be at least 1")
+    root = Path(images).expanduser().resolve()
+    files = scan(root)
+    out = Path(out)
+    store = EmbeddingStore.open(out, "a") if (out / MANIFEST).exists() else None
+    report = EmbedReport(out, store.spec if store else None)
+    try:
+        if store is not None:
+            _check_same_source(store, root, model, pooling)
+        p = plan(files, store)
+        report.unchanged, report.failed = p.unchanged, list(p.known_failures)
+        if store is not None and p.deleted:
+            report.removed = store.remove(p.deleted)
+        if p.todo:
+            backbone = loader(model, weights=weights, pooling=pooling, layer=layer, preprocess=preprocess)
+            if store is None:
+                if not files:
+                    raise TlEmbedError(f"no images found under {root} "
+                                       "(jpg, jpeg, png, bmp, gif, webp, tif, tiff)")
+                store = EmbeddingStore.create(out, backbone.spec, dtype=dtype, root=root)
+            else:
+                check_compatible(store.spec, backbone.spec, f"store {out}")
+            report.spec = backbone.spec
+            run = make_runtime(backbone, runtime)
+            t_embed = time.perf_counter()
+            try:
+                _embed_files(p.todo, store, run, backbone.spec.input_size, batch_size,
+                             workers or os.cpu_count() or 2, report, progress)
+            except KeyboardInterrupt:
+                report.interrupted = True
+            report.embed_seconds = time.perf_counter() - t_embed
+        elif store is None:
+            raise TlEmbedError(f"no images found under {root} (jpg, jpeg, png, bmp, gif, webp, tif, tiff)")
+        if not report.interrupted:
+            store.compact()
+        store.refresh()
+        report.total = len(store)
+    finally:
+        if store is not None:
+            store.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _check_same_source(store: EmbeddingStore, root: Path, model: str, pooling: str) -> None:
+    """Cheap checks before loading any model: same image folder, same backbone name and pooling."""
+    if store.root and store.root != root:
+        raise StoreError(f"store {store.path} holds images from {store.root}, not {root}; "
+                         "use a new --out for another folder")
+    if Path(model).name != store.spec.name and model.lower().replace("-", "_") != store.spec.name:
+        raise StoreError(f"store {store.path} was made with {store.spec.describe()}; "
+                         f"adding --model {model} would mix backbones (use a new --out)")
+    if pooling != store.spec.pooling:
+        raise StoreError(f"store {store.path} uses {store.spec.pooling} pooling, not {pooling}")
+
+
+_Result = tuple[ImageFile, "DecodedImage | ImageDecodeError"]
+
+
+def _decode_all(todo: list[ImageFile], size: int, workers: int, lookahead: int) -> Iterator[_Result]:
+    """Decode in a thread pool (Pillow releases the GIL), in order, at most ``lookahead`` ahead."""
+
+    def work(f: ImageFile) -> _Result:
+        try:
+            return f, load_image(f.path, size)
+        except ImageDecodeError as e:
+            return f, e
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: deque[Future] = deque()
+        it = iter(todo)
+        try:
+            for f in it:
+                pending.append(pool.submit(work, f))
+                if len(pending) >= lookahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+def _embed_files(todo: list[ImageFile], store: EmbeddingStore, run, size: int, batch_size: int,
+                 workers: int, report: EmbedReport, progress: bool) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), unit="img", desc="embedding", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    pixels: list[np.ndarray] = []
+    rows: list[ManifestRow] = []
+    failures: list[Failure] = []
+    touched: list[tuple[str, int, int]] = []
+
+    def flush() -> None:
+        if rows:
+            store.add(rows, run(np.stack(pixels)))
+            report.embedded += len(rows)
+        if failures:
+            store.record_failures(failures)
+            report.failed.extend(failures)
+        if touched:
+            store.touch(touched)
+            report.unchanged += len(touched)
+        bar.update(len(rows) + len(failures) + len(touched))
+        pixels.clear(), rows.clear(), failures.clear(), touched.clear()
+
+    try:
+        for f, result in _decode_all(todo, size, workers, lookahead=2 * batch_size):
+            if isinstance(result, ImageDecodeError):
+                failures.append(Failure(f.rel, result.reason, f.size, f.mtime_ns))
+                continue
+            old = store.row_for(f.rel)
+            if old and old.sha256 == result.sha256 and (old.label, old.split) == (f.label, f.split):
+                touched.append((f.rel, f.size, f.mtime_ns))  # touched, not changed
+                continue
+            pixels.append(result.pixels)
+            rows.append(ManifestRow(f.rel, f.label, f.split, result.sha256, f.size, f.mtime_ns,
+                                    result.width, result.height))
+            if len(rows) >= batch_size:
+                flush()
+        flush()
+    finally:
+        bar.close()

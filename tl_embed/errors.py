@@ -1,0 +1,13 @@
+"""Errors a user can cause and fix; the CLI prints them as one line, never a traceback."""
+
+
+class TlEmbedError(Exception):
+    """Base class for user-facing errors (bad input, missing file, mismatched store...)."""
+
+
+class WeightsUnavailableError(TlEmbedError):
+    """Pretrained weights are neither in the Keras cache nor downloadable."""
+
+
+class StoreError(TlEmbedError):
+    """The embedding store is missing, locked, corrupt or incompatible."""

@@ -1,0 +1,121 @@
+"""Image file -> RGB uint8 array of the backbone's input size.
+
+Every way a real photo folder can be odd (EXIF rotation, palette/alpha/CMYK/16-bit modes, truncated
+or empty files, decompression bombs) ends either in a correct RGB array or in an
+:class:`ImageDecodeError` with a short reason; nothing here crashes a batch run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+MAX_PIXELS = 250_000_000  # larger than any camera; a bigger header is a decompression bomb
+EXIF_ORIENTATION = 0x0112
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+
+# Our own MAX_PIXELS check replaces Pillow's warning/error pair (its 89 MP warning fires on real
+# 100 MP camera files); Pillow keeps a hard stop for formats whose size we cannot see up front.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+class ImageDecodeError(Exception):
+    """A file that cannot become an image; ``reason`` is one short line for reports."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # (size, size, 3) uint8
+    width: int  # original size, after EXIF rotation
+    height: int
+    sha256: str  # of the file's bytes
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def load_image(path: str | Path, size: int) -> DecodedImage:
+    """Read, hash and decode ``path`` into a ``size`` x ``size`` RGB array (bilinear, no crop)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ImageDecodeError(f"unreadable: {e.strerror or e}") from None
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    pixels, width, height = decode_bytes(data, size)
+    return DecodedImage(pixels, width, height, hashlib.sha256(data).hexdigest())
+
+
+def decode_bytes(data: bytes, size: int) -> tuple[np.ndarray, int, int]:
+    """Decode encoded image bytes; returns (pixels, original width, original height)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageDecodeError(f"too large: {w}x{h} pixels (limit {MAX_PIXELS:,})")
+            if img.format == "JPEG" and min(w, h) >= 2 * size:
+                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: several times faster for big photos.
+                img.draft("RGB", (size, size))
+            img.load()
+            if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated 90 degrees
+                w, h = h, w
+            rgb = to_rgb(ImageOps.exif_transpose(img))
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"too large: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e)
+        reason = "truncated" if "truncated" in msg.lower() else "corrupt"
+        raise ImageDecodeError(f"{reason}: {msg}") from None
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(rgb, dtype=np.uint8), w, h
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB the way a viewer would show it."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return _high_bit_depth_to_rgb(img)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, BACKGROUND)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    # L, 1, CMYK (Pillow undoes Adobe's inverted CMYK), YCbCr, LAB, HSV, RGBX ...
+    return img.convert("RGB")
+
+
+def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
+    """16/32-bit grayscale: scale the full range to 8 bits (Pillow's convert would clip at 255)."""
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        scaled = arr / 257.0
+    elif img.mode == "F":
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        scaled = (arr - lo) / (hi - lo or 1.0) * 255.0 if hi > 1.0 or lo < 0.0 else arr * 255.0
+    else:  # "I": 32-bit; PNG stores 16-bit grayscale this way in some Pillow versions
+        scaled = arr / 257.0 if arr.max(initial=0) > 255 else arr
+    gray = np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(gray, "L").convert("RGB")

@@ -1,0 +1,398 @@
+"""The on-disk embedding store: ``.npy`` shards plus a SQLite manifest.
+
+Layout of ``NAME.tle/``::
+
+    manifest.sqlite   meta (backbone spec, dtype, image root), shards, items, failures
+    shards/NNNNNNNN.npy  float32/float16 rows, written once, never modified
+    .lock             held (flock) by the one writer
+
+Crash safety comes from ordering: a shard is written to a temp file, fsynced and renamed *before* the
+SQLite transaction that references it commits.  A crash therefore loses at most the batch in flight;
+an orphan shard left behind is deleted by the next writer.  At the end of a write session the live
+rows are compacted into a single shard in manifest order, so :attr:`EmbeddingStore.embeddings` is
+one memory-mapped N x D array.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from . import __version__
+from .backbones import BackboneSpec
+from .errors import StoreError
+
+FORMAT_VERSION = 1
+DTYPES = ("float32", "float16")
+MANIFEST = "manifest.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shards (id INTEGER PRIMARY KEY, file TEXT NOT NULL, rows INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL UNIQUE,
+    label TEXT, split TEXT, sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    width INTEGER NOT NULL, height INTEGER NOT NULL,
+    shard INTEGER NOT NULL REFERENCES shards(id), row INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS failures (
+    path TEXT PRIMARY KEY, reason TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One embedded image; ``path`` is relative to the store's image root."""
+
+    path: str
+    label: str | None
+    split: str | None
+    sha256: str
+    size: int
+    mtime_ns: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    path: str
+    reason: str
+    size: int
+    mtime_ns: int
+
+
+class EmbeddingStore:
+    """An embedding store opened for reading (``mode="r"``) or as its single writer (``"a"``).
+
+    Read side: ``embeddings`` (N x D), ``paths``, ``labels``, ``splits``, ``rows`` are aligned.
+    Write side: :meth:`add` commits one batch atomically; :meth:`remove`; :meth:`compact`.
+    """
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock_fd: int | None):
+        self.path = path
+        self._conn = conn
+        self._lock_fd = lock_fd
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+        if int(meta.get("format_version", -1)) != FORMAT_VERSION:
+            raise StoreError(f"{path} has store format {meta.get('format_version')}, "
+                             f"this tl_embed reads format {FORMAT_VERSION}")
+        self.meta = meta
+        self.spec = BackboneSpec.from_dict(json.loads(meta["spec"]))
+        self.dtype = np.dtype(meta["dtype"])
+        self.root = Path(meta["root"]) if meta.get("root") else None
+        self._load()
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def create(cls, path: str | os.PathLike, spec: BackboneSpec, dtype: str = "float32",
+               root: str | os.PathLike | None = None) -> EmbeddingStore:
+        """Create a new, empty store and open it for writing."""
+        if dtype not in DTYPES:
+            raise StoreError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            raise StoreError(f"{path} already holds a store")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise StoreError(f"{path} exists and is not an empty folder; choose another --out")
+        (path / "shards").mkdir(parents=True, exist_ok=True)
+        lock_fd = _lock(path)
+        conn = _connect(path / MANIFEST)
+        with conn:
+            conn.executescript(_SCHEMA)
+            meta = {"format_version": FORMAT_VERSION, "spec": json.dumps(spec.to_dict()),
+                    "dtype": dtype, "root": str(Path(root).resolve()) if root else "",
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tl_embed_version": __version__}
+            conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in meta.items()])
+        return cls(path, conn, lock_fd)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r") -> EmbeddingStore:
+        """Open an existing store; ``mode="a"`` takes the writer lock (one writer at a time)."""
+        if mode not in ("r", "a"):
+            raise ValueError("mode must be 'r' or 'a'")
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise StoreError(f"{path} is not a tl_embed store (no {MANIFEST}); create one with "
+                             "`tl-embed embed IMAGES --out STORE`")
+        lock_fd = _lock(path) if mode == "a" else None
+        conn = _connect(path / MANIFEST, readonly=(mode == "r"))
+        store = cls(path, conn, lock_fd)
+        if mode == "a":
+            store._remove_orphan_files()
+        return store
+
+    def close(self) -> None:
+        self._conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> EmbeddingStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------- read side
+    def _load(self) -> None:
+        """Read the manifest and map the shards it references (one consistent snapshot)."""
+        if self._lock_fd is None:  # reader: start a fresh snapshot transaction
+            self._conn.execute("COMMIT")
+            self._conn.execute("BEGIN")
+        rows = self._conn.execute(
+            "SELECT path, label, split, sha256, size, mtime_ns, width, height, shard, row "
+            "FROM items ORDER BY shard, row").fetchall()
+        self.rows: list[ManifestRow] = [ManifestRow(*r[:8]) for r in rows]
+        self._locations = np.array([(r[8], r[9]) for r in rows], dtype=np.int64).reshape(-1, 2)
+        self._shards = {sid: np.load(self.path / "shards" / f, mmap_mode="r")
+                        for sid, f in self._conn.execute("SELECT id, file FROM shards")}
+        self._embeddings: np.ndarray | None = None
+        self._index = {r.path: i for i, r in enumerate(self.rows)}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """N x D array aligned with :attr:`rows`; memory-mapped when the store is compacted."""
+        if self._embeddings is None:
+            self._embeddings = self._assemble()
+        return self._embeddings
+
+    def _assemble(self) -> np.ndarray:
+        if not self.rows:
+            return np.zeros((0, self.dim), dtype=self.dtype)
+        sids = np.unique(self._locations[:, 0])
+        if len(sids) == 1:
+            shard = self._shards[int(sids[0])]
+            rows = self._locations[:, 1]
+            if len(rows) == len(shard) and np.array_equal(rows, np.arange(len(shard))):
+                return shard  # the compacted case: zero-copy memory map
+        out = np.empty((len(self.rows), self.dim), dtype=self.dtype)
+        for sid in sids:
+            mask = self._locations[:, 0] == sid
+            out[mask] = self._shards[int(sid)][self._locations[mask, 1]]
+        return out
+
+    @property
+    def paths(self) -> np.ndarray:
+        return np.array([r.path for r in self.rows], dtype=object)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r.label for r in self.rows], dtype=object)
+
+    @property
+    def splits(self) -> np.ndarray:
+        return np.array([r.split for r in self.rows], dtype=object)
+
+    def absolute_path(self, rel: str) -> Path:
+        return self.root / rel if self.root else Path(rel)
+
+    def position(self, rel: str) -> int | None:
+        """Row number of an image (relative path) or None."""
+        return self._index.get(rel)
+
+    def row_for(self, rel: str) -> ManifestRow | None:
+        i = self._index.get(rel)
+        return None if i is None else self.rows[i]
+
+    @property
+    def failures(self) -> list[Failure]:
+        return [Failure(*r) for r in self._conn.execute(
+            "SELECT path, reason, size, mtime_ns FROM failures ORDER BY path")]
+
+    def failure_for(self, rel: str) -> Failure | None:
+        r = self._conn.execute("SELECT path, reason, size, mtime_ns FROM failures WHERE path = ?",
+                               (rel,)).fetchone()
+        return Failure(*r) if r else None
+
+    def summary(self) -> dict:
+        """Counts for ``tl-embed info``."""
+        labels: dict[str, int] = {}
+        splits: dict[str, int] = {}
+        for r in self.rows:
+            labels[r.label or "(none)"] = labels.get(r.label or "(none)", 0) + 1
+            splits[r.split or "(none)"] = splits.get(r.split or "(none)", 0) + 1
+        n_shards = len(np.unique(self._locations[:, 0])) if len(self.rows) else 0
+        return {"images": len(self), "failed": len(self.failures), "labels": labels,
+                "splits": splits, "shards": n_shards, "dtype": str(self.dtype),
+                "bytes": sum(f.stat().st_size for f in (self.path / "shards").glob("*.npy"))}
+
+    def export(self, npy_path: str | os.PathLike, csv_path: str | os.PathLike) -> None:
+        """Write embeddings to ``.npy`` and the aligned manifest to ``.csv`` (both atomically)."""
+        _atomic_write(Path(npy_path), lambda f: np.save(f, np.asarray(self.embeddings)))
+
+        def write_csv(f):
+            text = open(f.fileno(), "w", newline="", encoding="utf-8", closefd=False)
+            w = csv.writer(text)
+            w.writerow(["row", "path", "label", "split", "sha256", "width", "height"])
+            for i, r in enumerate(self.rows):
+                w.writerow([i, r.path, r.label or "", r.split or "", r.sha256, r.width, r.height])
+            text.flush()
+
+        _atomic_write(Path(csv_path), write_csv)
+
+    # ------------------------------------------------------------ write side
+    def _require_writer(self) -> None:
+        if self._lock_fd is None:
+            raise StoreError(f"{self.path} is open read-only")
+
+    def add(self, rows: Sequence[ManifestRow], vectors: np.ndarray) -> None:
+        """Durably add one batch: shard first (fsync + rename), then the manifest transaction.
+
+        Rows whose path already exists are replaced (a changed image), in the same transaction.
+        """
+        self._require_writer()
+        vectors = np.asarray(vectors)
+        if vectors.shape != (len(rows), self.dim):
+            raise StoreError(f"expected {len(rows)} x {self.dim} vectors, got {vectors.shape}")
+        if not len(rows):
+            return
+        if not np.isfinite(vectors).all():
+            raise StoreError("refusing to store non-finite embeddings (NaN/inf)")
+        sid, name = self._write_shard(vectors.astype(self.dtype, copy=False))
+        with self._conn:
+            self._conn.execute("INSERT INTO shards (id, file, rows) VALUES (?, ?, ?)",
+                               (sid, name, len(rows)))
+            self._conn.executemany("DELETE FROM items WHERE path = ?", [(r.path,) for r in rows])
+            self._conn.executemany("DELETE FROM failures WHERE path = ?", [(r.path,) for r in rows])
+            self._conn.executemany(
+                "INSERT INTO items (path, label, split, sha256, size, mtime_ns, width, height, "
+                "shard, row) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.path, r.label, r.split, r.sha256, r.size, r.mtime_ns, r.width, r.height, sid, i)
+                 for i, r in enumerate(rows)])
+
+    def touch(self, updates: Iterable[tuple[str, int, int]]) -> None:
+        """Record a new (size, mtime) for images whose content hash did not change."""
+        self._require_writer()
+        with self._conn:
+            self._conn.executemany("UPDATE items SET size = ?, mtime_ns = ? WHERE path = ?",
+                                   [(s, m, p) for p, s, m in updates])
+
+    def remove(self, paths: Iterable[str]) -> int:
+        """Forget images (and their failure records); returns how many embeddings went."""
+        self._require_writer()
+        paths = [(p,) for p in paths]
+        with self._conn:
+            before = self._conn.total_changes
+            self._conn.executemany("DELETE FROM items WHERE path = ?", paths)
+            removed = self._conn.total_changes - before
+            self._conn.executemany("DELETE FROM failures WHERE path = ?", paths)
+        return removed
+
+    def record_failures(self, failures: Iterable[Failure]) -> None:
+        self._require_writer()
+        with self._conn:
+            self._conn.executemany("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?)",
+                                   [(f.path, f.reason, f.size, f.mtime_ns) for f in failures])
+            # a file that used to embed and is now broken must not keep its stale embedding
+            self._conn.executemany("DELETE FROM items WHERE path = ?", [(f.path,) for f in failures])
+
+    def compact(self) -> None:
+        """Rewrite the live rows into one shard, in manifest order, and drop the old shards.
+
+        The new shard is durable before the transaction that repoints every row commits; old files
+        are unlinked afterwards (a crash in between leaves orphans the next writer deletes).
+        """
+        self._require_writer()
+        self.refresh()
+        n_shards, n_rows = self._conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(rows), 0) FROM shards").fetchone()
+        if n_shards <= 1 and n_rows == len(self):
+            return  # already one shard holding exactly the live rows
+        vectors = np.ascontiguousarray(self.embeddings)
+        ids = [r[0] for r in self._conn.execute("SELECT id FROM items ORDER BY shard, row")]
+        old = list(self._conn.execute("SELECT id, file FROM shards"))
+        sid, name = self._write_shard(vectors) if len(ids) else (None, None)
+        with self._conn:
+            self._conn.execute("DELETE FROM shards")
+            if sid is not None:
+                self._conn.execute("INSERT INTO shards (id, file, rows) VALUES (?, ?, ?)",
+                                   (sid, name, len(ids)))
+                self._conn.executemany("UPDATE items SET shard = ?, row = ? WHERE id = ?",
+                                       [(sid, i, item) for i, item in enumerate(ids)])
+        for _, f in old:
+            (self.path / "shards" / f).unlink(missing_ok=True)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the manifest (after writes, or to see another writer's commits)."""
+        self._load()
+
+    def _write_shard(self, vectors: np.ndarray) -> tuple[int, str]:
+        row = self._conn.execute("SELECT MAX(id) FROM shards").fetchone()[0]
+        on_disk = [int(p.stem) for p in (self.path / "shards").glob("*.npy") if p.stem.isdigit()]
+        sid = max([row or 0, *on_disk]) + 1
+        name = f"{sid:08d}.npy"
+        _atomic_write(self.path / "shards" / name, lambda f: np.save(f, vectors))
+        return sid, name
+
+    def _remove_orphan_files(self) -> None:
+        """Delete shard files no manifest row references and temp files of a crashed writer."""
+        known = {f for (f,) in self._conn.execute("SELECT file FROM shards")}
+        for p in (self.path / "shards").iterdir():
+            if p.name not in known:
+                p.unlink(missing_ok=True)
+
+
+def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    try:
+        if readonly:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            conn.execute("BEGIN")  # one snapshot for the whole read
+            return conn
+        conn = sqlite3.connect(path)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"cannot open manifest {path}: {e}") from None
+
+
+def _lock(path: Path) -> int:
+    """Take the store's writer lock; the OS releases it if the process dies."""
+    import fcntl
+
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"{path} is being written by another tl-embed process; "
+                         "wait for it to finish (only one writer at a time)") from None
+    return fd
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Write via a temp file in the same folder, fsync it, rename over ``target``, fsync the folder."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
