@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import TlEmbedError, WeightsUnavailableError
 
@@ -217,7 +218,7 @@ def _load_application(bb: Backbone, weights: str, pooling: str, include_top: boo
             raise
     if weights_arg == "imagenet":
         sha = sha256_file(used[-1])
-    preprocess = getattr(getattr(keras.applications, bb.module), "preprocess_input")
+    preprocess = getattr(keras.applications, bb.module).preprocess_input
     inputs = keras.Input(shape=shape, dtype="float32", name="rgb_0_255")
     outputs = net(preprocess(inputs), training=False)
     net.trainable = False
@@ -255,6 +256,7 @@ def _recording_weight_files(bb: Backbone) -> Iterator[list[str]]:
     original = file_utils.get_file
 
     def get_file(fname=None, origin=None, *args, **kwargs):
+        kwargs["cache_dir"] = str(keras_cache_dir().parent)  # Keras reads KERAS_HOME only at import
         try:
             path = original(fname, origin, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any download failure means "not available"
@@ -299,7 +301,7 @@ def _load_custom(path_str: str, layer: str | None, pooling: str,
     pre = "none (pixels 0-255)"
     if preprocess:
         pre_bb = get_backbone(preprocess)
-        x = getattr(getattr(keras.applications, pre_bb.module), "preprocess_input")(x)
+        x = getattr(keras.applications, pre_bb.module).preprocess_input(x)
         pre = pre_bb.preprocessing
     x = net(x, training=False)
     if len(x.shape) == 4:

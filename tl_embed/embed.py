@@ -10,14 +10,21 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
-from .backbones import BackboneSpec, LoadedBackbone, check_compatible, load_backbone
+from .backbones import (
+    BackboneSpec,
+    LoadedBackbone,
+    check_compatible,
+    get_backbone,
+    is_custom_model,
+    load_backbone,
+)
 from .errors import StoreError, TlEmbedError
 from .images import DecodedImage, ImageDecodeError, is_image_file, load_image
 from .store import MANIFEST, EmbeddingStore, Failure, ManifestRow
@@ -143,6 +150,8 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
     t0 = time.perf_counter()
     if batch_size < 1:
         raise TlEmbedError("--batch-size must be at least 1")
+    if not is_custom_model(model):
+        get_backbone(model)  # an unknown name fails before any scanning
     root = Path(images).expanduser().resolve()
     files = scan(root)
     out = Path(out)

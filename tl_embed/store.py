@@ -20,9 +20,9 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -154,12 +154,24 @@ class EmbeddingStore:
         rows = self._conn.execute(
             "SELECT path, label, split, sha256, size, mtime_ns, width, height, shard, row "
             "FROM items ORDER BY shard, row").fetchall()
-        self.rows: list[ManifestRow] = [ManifestRow(*r[:8]) for r in rows]
+        self._rows: list[ManifestRow] = [ManifestRow(*r[:8]) for r in rows]
         self._locations = np.array([(r[8], r[9]) for r in rows], dtype=np.int64).reshape(-1, 2)
         self._shards = {sid: np.load(self.path / "shards" / f, mmap_mode="r")
                         for sid, f in self._conn.execute("SELECT id, file FROM shards")}
         self._embeddings: np.ndarray | None = None
-        self._index = {r.path: i for i, r in enumerate(self.rows)}
+        self._index = {r.path: i for i, r in enumerate(self._rows)}
+        self._dirty = False
+
+    def _view(self) -> None:
+        """Reload after this writer's own commits, so reads always see them."""
+        if self._dirty:
+            self._load()
+
+    @property
+    def rows(self) -> list[ManifestRow]:
+        """Manifest rows, aligned with :attr:`embeddings`."""
+        self._view()
+        return self._rows
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -171,6 +183,7 @@ class EmbeddingStore:
     @property
     def embeddings(self) -> np.ndarray:
         """N x D array aligned with :attr:`rows`; memory-mapped when the store is compacted."""
+        self._view()
         if self._embeddings is None:
             self._embeddings = self._assemble()
         return self._embeddings
@@ -207,11 +220,12 @@ class EmbeddingStore:
 
     def position(self, rel: str) -> int | None:
         """Row number of an image (relative path) or None."""
+        self._view()
         return self._index.get(rel)
 
     def row_for(self, rel: str) -> ManifestRow | None:
-        i = self._index.get(rel)
-        return None if i is None else self.rows[i]
+        i = self.position(rel)
+        return None if i is None else self._rows[i]
 
     @property
     def failures(self) -> list[Failure]:
@@ -230,7 +244,7 @@ class EmbeddingStore:
         for r in self.rows:
             labels[r.label or "(none)"] = labels.get(r.label or "(none)", 0) + 1
             splits[r.split or "(none)"] = splits.get(r.split or "(none)", 0) + 1
-        n_shards = len(np.unique(self._locations[:, 0])) if len(self.rows) else 0
+        n_shards = len(np.unique(self._locations[:, 0])) if len(self) else 0
         return {"images": len(self), "failed": len(self.failures), "labels": labels,
                 "splits": splits, "shards": n_shards, "dtype": str(self.dtype),
                 "bytes": sum(f.stat().st_size for f in (self.path / "shards").glob("*.npy"))}
@@ -278,6 +292,7 @@ class EmbeddingStore:
                 "shard, row) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(r.path, r.label, r.split, r.sha256, r.size, r.mtime_ns, r.width, r.height, sid, i)
                  for i, r in enumerate(rows)])
+        self._dirty = True
 
     def touch(self, updates: Iterable[tuple[str, int, int]]) -> None:
         """Record a new (size, mtime) for images whose content hash did not change."""
@@ -285,6 +300,7 @@ class EmbeddingStore:
         with self._conn:
             self._conn.executemany("UPDATE items SET size = ?, mtime_ns = ? WHERE path = ?",
                                    [(s, m, p) for p, s, m in updates])
+        self._dirty = True
 
     def remove(self, paths: Iterable[str]) -> int:
         """Forget images (and their failure records); returns how many embeddings went."""
@@ -295,6 +311,7 @@ class EmbeddingStore:
             self._conn.executemany("DELETE FROM items WHERE path = ?", paths)
             removed = self._conn.total_changes - before
             self._conn.executemany("DELETE FROM failures WHERE path = ?", paths)
+        self._dirty = True
         return removed
 
     def record_failures(self, failures: Iterable[Failure]) -> None:
@@ -304,6 +321,7 @@ class EmbeddingStore:
                                    [(f.path, f.reason, f.size, f.mtime_ns) for f in failures])
             # a file that used to embed and is now broken must not keep its stale embedding
             self._conn.executemany("DELETE FROM items WHERE path = ?", [(f.path,) for f in failures])
+        self._dirty = True
 
     def compact(self) -> None:
         """Rewrite the live rows into one shard, in manifest order, and drop the old shards.
@@ -312,7 +330,6 @@ class EmbeddingStore:
         are unlinked afterwards (a crash in between leaves orphans the next writer deletes).
         """
         self._require_writer()
-        self.refresh()
         n_shards, n_rows = self._conn.execute(
             "SELECT COUNT(*), COALESCE(SUM(rows), 0) FROM shards").fetchone()
         if n_shards <= 1 and n_rows == len(self):

@@ -1,0 +1,43 @@
+"""Real photos through the genuine ImageNet MobileNetV2 (offline, via a temporary KERAS_HOME)."""
+
+import numpy as np
+import pytest
+from conftest import shared_dataset
+
+from tl_embed.backbones import sha256_file
+from tl_embed.embed import embed_folder
+from tl_embed.errors import WeightsUnavailableError
+from tl_embed.store import EmbeddingStore
+
+
+@pytest.fixture(scope="module")
+def hymenoptera_store(tmp_path_factory, keras_home):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KERAS_HOME", str(keras_home))
+    out = tmp_path_factory.mktemp("real") / "hym.tle"
+    report = embed_folder(shared_dataset("hymenoptera"), out, model="mobilenet_v2", progress=False)
+    mp.undo()
+    return out, report
+
+
+def test_real_photos_embed_with_genuine_weights(hymenoptera_store, keras_home):
+    out, report = hymenoptera_store
+    assert report.embedded == 398 and not report.failed
+    weights = keras_home / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    assert report.spec.weights_sha256 == sha256_file(weights)
+    with EmbeddingStore.open(out) as s:
+        x, labels, splits = np.asarray(s.embeddings), s.labels, s.splits
+    # ImageNet features separate ants from bees: nearest class centroid gets most val images right
+    train, val = splits == "train", splits == "val"
+    names = sorted(set(labels))
+    centroids = np.stack([x[train & (labels == n)].mean(0) for n in names])
+    pred = np.array(names)[np.argmin(((x[val, None] - centroids[None]) ** 2).sum(-1), axis=1)]
+    assert (pred == labels[val]).mean() > 0.85
+
+
+def test_missing_imagenet_weights_say_which_file(tmp_path, monkeypatch):
+    from tl_embed.backbones import load_backbone
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    with pytest.raises(WeightsUnavailableError, match="mobilenet_1_0_224_tf_no_top.h5 at "):
+        load_backbone("mobilenet")
