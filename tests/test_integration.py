@@ -41,3 +41,21 @@ def test_missing_imagenet_weights_say_which_file(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     with pytest.raises(WeightsUnavailableError, match="mobilenet_1_0_224_tf_no_top.h5 at "):
         load_backbone("mobilenet")
+
+
+def test_logreg_head_on_real_embeddings(hymenoptera_store):
+    from tl_embed.training import train_from_store
+
+    res = train_from_store(hymenoptera_store[0], "logreg")
+    assert res.split == "the store's 'val' split" and res.metrics.n == 153
+    assert res.metrics.accuracy > 0.9  # ants vs bees from ImageNet MobileNetV2 features
+
+
+def test_classify_with_the_full_imagenet_model(use_keras_home):
+    from tl_embed.classify import classify
+
+    cats = sorted((shared_dataset("pets3") / "test" / "Abyssinian").glob("*.jpg"))[:8]
+    results = classify(cats, "mobilenet_v2", top_k=3)
+    cat_words = ("cat", "tabby", "lynx", "cougar")
+    hits = sum(any(w in name for name, _ in preds for w in cat_words) for _, preds in results)
+    assert hits >= 6, results

@@ -209,7 +209,7 @@ def _load_application(bb: Backbone, weights: str, pooling: str, include_top: boo
     kwargs = dict(include_top=include_top, input_shape=shape)
     if not include_top:
         kwargs["pooling"] = pooling
-    with _recording_weight_files(bb) as used:
+    with keras_downloads(bb.name) as used:
         try:
             net = ctor(weights=weights_arg, **kwargs)
         except (ValueError, OSError) as e:
@@ -244,7 +244,7 @@ def _resolve_weights(weights: str) -> tuple[str | None, str]:
 
 
 @contextlib.contextmanager
-def _recording_weight_files(bb: Backbone) -> Iterator[list[str]]:
+def keras_downloads(what: str) -> Iterator[list[str]]:
     """Record which cached file Keras loads, and turn a failed download into a clear message.
 
     Keras applications fetch weights with ``keras.src.utils.file_utils.get_file``; wrapping it
@@ -262,7 +262,7 @@ def _recording_weight_files(bb: Backbone) -> Iterator[list[str]]:
         except Exception as e:  # noqa: BLE001 - any download failure means "not available"
             target = keras_cache_dir() / (fname or os.path.basename(origin or ""))
             raise WeightsUnavailableError(
-                f"ImageNet weights for {bb.name} are not in the Keras cache and could not be "
+                f"ImageNet files for {what} are not in the Keras cache and could not be "
                 f"downloaded ({type(e).__name__}). Put the file {target.name} at {target} "
                 f"(from {origin}), or pass --weights none for random weights") from None
         used.append(path)

@@ -275,3 +275,49 @@ def _embed_files(todo: list[ImageFile], store: EmbeddingStore, run, size: int, b
         flush()
     finally:
         bar.close()
+
+
+@dataclass
+class EmbeddedPaths:
+    """Embeddings of ad-hoc images (not in a store), aligned with ``paths``."""
+
+    paths: list[Path]
+    vectors: np.ndarray
+    failed: list[tuple[Path, str]]
+
+
+def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Image files and folders (searched recursively) -> sorted image files."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            paths += [f.path for f in scan(p)]
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise TlEmbedError(f"{p} does not exist")
+    return paths
+
+
+def embed_paths(paths: list[Path], run, size: int, batch_size: int = 32,
+                workers: int | None = None) -> EmbeddedPaths:
+    """Decode (in parallel) and embed image files; unreadable ones are returned in ``failed``."""
+    files = [ImageFile(str(p), Path(p), None, None, 0, 0) for p in paths]
+    ok: list[Path] = []
+    chunks: list[np.ndarray] = []
+    failed: list[tuple[Path, str]] = []
+    batch: list[np.ndarray] = []
+    for f, result in _decode_all(files, size, workers or os.cpu_count() or 2, 2 * batch_size):
+        if isinstance(result, ImageDecodeError):
+            failed.append((f.path, result.reason))
+            continue
+        ok.append(f.path)
+        batch.append(result.pixels)
+        if len(batch) == batch_size:
+            chunks.append(run(np.stack(batch)))
+            batch.clear()
+    if batch:
+        chunks.append(run(np.stack(batch)))
+    vectors = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+    return EmbeddedPaths(ok, vectors, failed)

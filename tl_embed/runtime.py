@@ -62,3 +62,8 @@ def make_runtime(backbone: LoadedBackbone, name: str = "keras") -> Runtime:
         raise TlEmbedError(f"unknown runtime {name!r}; available: keras")
     configure_threads()
     return KerasRuntime(backbone)
+
+
+def available_runtimes() -> list[str]:
+    """Runtimes usable in this environment, reference first."""
+    return ["keras"]

@@ -1,0 +1,128 @@
+import json
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+
+from tl_embed.backbones import BackboneSpec
+from tl_embed.cli import main
+from tl_embed.errors import TlEmbedError
+from tl_embed.heads import HEADS, Head, fit_head
+from tl_embed.sklearn_embedder import KerasImageEmbedder
+from tl_embed.store import EmbeddingStore, ManifestRow
+from tl_embed.training import choose_split, train_from_store
+
+SPEC = BackboneSpec("synthetic", "random", "random", 32, "none", "avg", 64)
+
+
+def blobs(n_per_class=60, classes=4, dim=64, seed=0, spread=1.0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 1, (classes, dim))
+    y = np.repeat(np.arange(classes), n_per_class)
+    X = centers[y] + rng.normal(0, spread, (len(y), dim)) * 0.5
+    return X.astype(np.float32), np.array([f"c{i}" for i in y])
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_heads_learn_separable_features(head):
+    X, y = blobs()
+    Xt, yt = blobs(seed=0, n_per_class=20)[0] + 0.01, blobs(n_per_class=20)[1]
+    fitted, info = fit_head(X, y, SPEC, head)
+    assert (fitted.predict(Xt) == yt).mean() > 0.95
+    proba = fitted.predict_proba(Xt)
+    assert proba.shape == (80, 4) and np.allclose(proba.sum(1), 1, atol=1e-6)
+    assert info["cv_folds"] == 3 and fitted.params  # a hyper-parameter was chosen by CV
+
+
+def test_class_weight_balanced_helps_a_minority_class():
+    X, y = blobs(n_per_class=100, classes=2, spread=3.0, seed=1)
+    keep = np.r_[np.arange(100), np.arange(100, 110)]  # class c1 has 10 images
+    fitted, _ = fit_head(X[keep], y[keep], SPEC, "logreg", class_weight="balanced")
+    assert fitted.pipeline.named_steps["clf"].class_weight == "balanced"
+
+
+def test_broken_input_fails_loudly():
+    X, y = blobs()
+    with pytest.raises(TlEmbedError, match="at least 2 classes"):
+        fit_head(X, np.full(len(y), "only"), SPEC)
+    bad = X.copy()
+    bad[3, 5] = np.nan
+    with pytest.raises(TlEmbedError, match="NaN"):
+        fit_head(bad, y, SPEC)
+    with pytest.raises(TlEmbedError, match="shape"):
+        fit_head(X[:, :10], y, SPEC)
+    with pytest.raises(TlEmbedError, match="too few images in class"):
+        fit_head(X[:61], y[:61], SPEC)  # c1 has one image
+    with pytest.raises(TlEmbedError, match="no labelled images"):
+        fit_head(X[:0], y[:0], SPEC)
+
+
+def test_split_uses_store_split_else_stratified_hold_out():
+    labels = np.array(["a", "b"] * 10, dtype=object)
+    splits = np.array(["train"] * 16 + ["test"] * 4, dtype=object)
+    tr, te, how = choose_split(labels, splits, 0.2, 0)
+    assert how == "the store's 'test' split" and list(te) == [16, 17, 18, 19]
+    tr, te, how = choose_split(labels, np.array([None] * 20, dtype=object), 0.2, 0)
+    assert len(te) == 4 and sorted(labels[te]) == ["a", "a", "b", "b"] and "stratified" in how
+    with pytest.raises(TlEmbedError, match="only 1 image"):
+        choose_split(np.array(["a", "a", "b"], dtype=object), np.array([None] * 3, dtype=object), 0.2, 0)
+
+
+def make_store(path, X, y, spec=SPEC):
+    with EmbeddingStore.create(path, spec) as s:
+        s.add([ManifestRow(f"{c}/{i}.jpg", c, None, "h", 1, 1, 1, 1) for i, c in enumerate(y)], X)
+    return path
+
+
+def test_train_from_store_and_save_load_round_trip(tmp_path):
+    X, y = blobs()
+    res = train_from_store(make_store(tmp_path / "s.tle", X, y), "logreg")
+    assert res.metrics.accuracy > 0.95 and res.metrics.n == 48
+    res.head.save(tmp_path / "m.tlh")
+    loaded = Head.load(tmp_path / "m.tlh")
+    np.testing.assert_allclose(loaded.predict_proba(X), res.head.predict_proba(X))
+    assert loaded.spec == SPEC and loaded.versions["scikit-learn"] and loaded.metrics["accuracy"] > 0.95
+    with pytest.raises(TlEmbedError, match="empty"):
+        train_from_store(make_store(tmp_path / "e.tle", X[:0], y[:0]))
+    (tmp_path / "junk.tlh").write_bytes(b"not a pickle")
+    with pytest.raises(TlEmbedError, match="not a readable"):
+        Head.load(tmp_path / "junk.tlh")
+
+
+def test_cli_train_predict_evaluate(tmp_path, image_folder, tiny_model, capsys):
+    store, model = str(tmp_path / "s.tle"), str(tmp_path / "m.tlh")
+    assert main(["embed", str(image_folder), "--out", store, "--model", tiny_model, "-q"]) == 0
+    assert main(["train", store, "--out", model, "--head", "knn", "--test-size", "0.34"]) == 0
+    out = capsys.readouterr().out
+    assert "n_neighbors=" in out and "accuracy 100.00%" in out
+    for suffix in (".report.json", ".report.md", ".confusion.png"):
+        assert (tmp_path / f"m.tlh{suffix}").stat().st_size > 100
+    assert main(["predict", model, str(image_folder / "red"), "--format", "json", "--top-k", "2"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 6 and all(r["label"] == "red" and len(r["top"]) == 2 for r in rows)
+    assert main(["predict", model, str(image_folder / "red"), "--min-confidence", "1.01",
+                 "--format", "csv"]) == 0
+    assert capsys.readouterr().out.count(",unknown,") == 6
+    assert main(["evaluate", model, str(image_folder)]) == 0
+    assert "accuracy 100.00%" in capsys.readouterr().out
+    assert main(["predict", model, store]) == 0  # straight from a store
+
+
+def test_mismatched_backbone_is_refused(tmp_path, capsys):
+    X, y = blobs()
+    head, _ = fit_head(X, y, SPEC)
+    head.save(tmp_path / "m.tlh")
+    other = BackboneSpec("other", "random", "random", 32, "none", "avg", 64)
+    make_store(tmp_path / "o.tle", X, y, other)
+    assert main(["evaluate", str(tmp_path / "m.tlh"), str(tmp_path / "o.tle")]) == 2
+    assert "cannot be mixed" in capsys.readouterr().err
+
+
+def test_keras_image_embedder_composes_with_sklearn(image_folder, tiny_model):
+    paths = sorted(str(p) for p in image_folder.rglob("*.jpg"))
+    labels = [p.split("/")[-2] for p in paths]
+    pipe = make_pipeline(KerasImageEmbedder(tiny_model), LogisticRegression(max_iter=1000))
+    pipe.fit(paths, labels)
+    assert (pipe.predict(paths) == np.array(labels)).mean() > 0.9
+    assert pipe[0].transform(paths[:2]).shape == (2, 3)
