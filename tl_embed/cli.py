@@ -329,8 +329,123 @@ def cmd_classify(args) -> None:
         print(f"{path}: " + ", ".join(f"{n} {s:.2f}" for n, s in preds))
 
 
+# ----------------------------------------------------------------- index
+def _register_index(sub) -> None:
+    from .index import METRICS
+
+    p = _add(sub, "index", "build or update a FAISS similarity index over a store",
+             "Build a FAISS index over the store's embeddings (or bring an existing one up to date: "
+             "new vectors are added and removed ones removed, without a rebuild where the type "
+             "allows). Prints recall@10 against exact search, memory and query latency.")
+    p.add_argument("store")
+    p.add_argument("--out", "-o", required=True, help="index folder to write (e.g. photos.tli)")
+    p.add_argument("--type", default="auto",
+                   help="auto | flat | hnsw | ivf | ivfpq | a FAISS factory string such as 'IVF1024,PQ64'")
+    p.add_argument("--metric", default="cosine", choices=METRICS)
+    p.add_argument("--max-memory", default=None,
+                   help="memory budget for the index, e.g. 2GB or 500MB (auto picks IVF-PQ above it)")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="approximate indexes: smallest nprobe/efSearch reaching this recall@10")
+    p.set_defaults(func=cmd_index)
+
+
+def _bytes(text: str | None) -> float | None:
+    if text is None:
+        return None
+    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "B": 1}
+    t = text.strip().upper()
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            try:
+                return float(t[: -len(unit)]) * mult
+            except ValueError:
+                break
+    raise TlEmbedError(f"--max-memory must look like 500MB or 2GB, not {text!r}")
+
+
+def cmd_index(args) -> None:
+    from .index import Index
+
+    idx = Index.build(args.store, args.out, args.type, args.metric, _bytes(args.max_memory),
+                      args.target_recall)
+    print(idx.describe())
+
+
+def _register_search(sub) -> None:
+    p = _add(sub, "search", "find the images most similar to query images",
+             "Embed the queries with the index's own backbone (images already in the store reuse "
+             "their stored embedding) and list the nearest neighbours.")
+    p.add_argument("index", help="index folder from `tl-embed index`")
+    p.add_argument("queries", nargs="+", help="query images or folders (or paths of stored images)")
+    p.add_argument("-k", type=int, default=10, help="neighbours per query")
+    p.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
+    p.add_argument("--out", default="search.html", help="with --format html: the page to write")
+    p.add_argument("--runtime", default="auto")
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args) -> None:
+    from .index import Index
+
+    idx = Index.open(args.index)
+    results = idx.search(args.queries, args.k, args.runtime)
+    score = "similarity" if idx.meta["metric"] == "cosine" else "distance"
+    if args.format == "html":
+        from .report import contact_sheet
+
+        contact_sheet([(Path(q), [(h.rank, h.path, h.score) for h in hits]) for q, hits in results],
+                      Path(args.out), f"tl-embed search: {Path(args.index).name}")
+        print(f"wrote {args.out} ({len(results)} queries, open it in a browser)")
+    elif args.format == "json":
+        print(json.dumps([{"query": q, "neighbours": [{"rank": h.rank, "path": h.path, score: h.score}
+                                                       for h in hits]} for q, hits in results], indent=2))
+    elif args.format == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(["query", "rank", "path", score])
+        for q, hits in results:
+            w.writerows([q, h.rank, h.path, f"{h.score:.5f}"] for h in hits)
+    else:
+        for q, hits in results:
+            print(f"query {q}")
+            for h in hits:
+                print(f"  {h.rank:>3}  {h.score:.4f}  {h.path}")
+
+
+def _register_dedup(sub) -> None:
+    p = _add(sub, "dedup", "report groups of near-duplicate images in a store")
+    p.add_argument("store")
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity for duplicates")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=cmd_dedup)
+
+
+def cmd_dedup(args) -> None:
+    from .index import find_duplicates
+
+    groups = find_duplicates(args.store, args.threshold)
+    if args.format == "json":
+        print(json.dumps([[{"path": p, "similarity": round(s, 4)} for p, s in g] for g in groups], indent=2))
+    elif args.format == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(["group", "size", "path", "similarity"])
+        for n, g in enumerate(groups, 1):
+            w.writerows([n, len(g), p, f"{s:.4f}"] for p, s in g)
+    else:
+        total = sum(len(g) for g in groups)
+        print(f"{len(groups)} group(s) of near-duplicates (cosine >= {args.threshold}), {total} images")
+        for n, g in enumerate(groups, 1):
+            print(f"group {n} ({len(g)} images)")
+            for p, s in g:
+                print(f"  {s:.4f}  {p}")
+
+
 COMMANDS = [_register_models, _register_embed, _register_info, _register_export, _register_train,
-            _register_predict, _register_evaluate, _register_classify]
+            _register_predict, _register_evaluate, _register_classify, _register_index,
+            _register_search, _register_dedup]
 
 if __name__ == "__main__":
     sys.exit(main())

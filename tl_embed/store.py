@@ -152,10 +152,11 @@ class EmbeddingStore:
             self._conn.execute("COMMIT")
             self._conn.execute("BEGIN")
         rows = self._conn.execute(
-            "SELECT path, label, split, sha256, size, mtime_ns, width, height, shard, row "
+            "SELECT path, label, split, sha256, size, mtime_ns, width, height, shard, row, id "
             "FROM items ORDER BY shard, row").fetchall()
         self._rows: list[ManifestRow] = [ManifestRow(*r[:8]) for r in rows]
         self._locations = np.array([(r[8], r[9]) for r in rows], dtype=np.int64).reshape(-1, 2)
+        self._ids = np.array([r[10] for r in rows], dtype=np.int64)
         self._shards = {sid: np.load(self.path / "shards" / f, mmap_mode="r")
                         for sid, f in self._conn.execute("SELECT id, file FROM shards")}
         self._embeddings: np.ndarray | None = None
@@ -202,6 +203,12 @@ class EmbeddingStore:
             mask = self._locations[:, 0] == sid
             out[mask] = self._shards[int(sid)][self._locations[mask, 1]]
         return out
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Stable int64 id per row (changes only when the image is re-embedded); for FAISS IDMap."""
+        self._view()
+        return self._ids
 
     @property
     def paths(self) -> np.ndarray:

@@ -1,0 +1,125 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tl_embed.backbones import BackboneSpec
+from tl_embed.cli import main
+from tl_embed.errors import TlEmbedError
+from tl_embed.index import Index, choose_factory, find_duplicates
+from tl_embed.store import EmbeddingStore, ManifestRow
+
+DIM = 32
+SPEC = BackboneSpec("synthetic", "random", "random", 32, "none", "avg", DIM)
+
+
+def clustered(n, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 1, (20, DIM))
+    return (centers[rng.integers(0, 20, n)] + rng.normal(0, 0.3, (n, DIM))).astype(np.float32)
+
+
+def make_store(path, vectors, names=None):
+    names = names or [f"img{i:05d}.jpg" for i in range(len(vectors))]
+    with EmbeddingStore.create(path, SPEC, root=path.parent) as s:
+        s.add([ManifestRow(n, None, None, "h", 1, 1, 1, 1) for n in names], vectors)
+    return path
+
+
+def test_auto_chooses_exact_then_ivf_then_pq():
+    assert choose_factory(50_000, 1280) == "Flat"
+    assert choose_factory(1_000_000, 1280).startswith("IVF4096,Flat")
+    assert ",PQ" in choose_factory(1_000_000, 1280, max_memory=1e9)
+    assert choose_factory(10, 8, "HNSW16,Flat") == "HNSW16,Flat"
+
+
+def test_exact_search_returns_the_query_itself_first(tmp_path):
+    x = clustered(500)
+    idx = Index.build(make_store(tmp_path / "s.tle", x), tmp_path / "i.tli", log=lambda *_: None)
+    assert idx.meta["factory"] == "Flat" and idx.meta["recall_at_10"] == 1.0
+    hits = idx.search_vectors(x[:50], k=5)
+    assert [h[0].path.endswith(f"img{i:05d}.jpg") for i, h in enumerate(hits)] == [True] * 50
+    assert all(abs(h[0].score - 1.0) < 1e-5 for h in hits)
+    reopened = Index.open(tmp_path / "i.tli")
+    assert [h.path for h in reopened.search_vectors(x[7], 3)[0]] == [h.path for h in hits[7][:3]]
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "IVF16,PQ8"])
+def test_approximate_indexes_reach_the_recall_they_print(tmp_path, kind):
+    data = clustered(3200)
+    x, q = data[:3000], data[3000:]  # queries from the same distribution, not indexed
+    idx = Index.build(make_store(tmp_path / "s.tle", x), tmp_path / "i.tli", kind, log=lambda *_: None)
+    exact = Index.build(tmp_path / "s.tle", tmp_path / "e.tli", "flat", log=lambda *_: None)
+    truth = [{h.path for h in hits} for hits in exact.search_vectors(q, 10)]
+    found = [{h.path for h in hits} for hits in idx.search_vectors(q, 10)]
+    measured = np.mean([len(a & b) / 10 for a, b in zip(found, truth, strict=True)])
+    assert measured >= idx.meta["recall_at_10"] - 0.05  # fresh queries: what it printed holds
+    if kind != "IVF16,PQ8":
+        assert idx.meta["recall_at_10"] >= 0.95
+
+
+def test_incremental_update_keeps_ids_and_paths_aligned(tmp_path):
+    x = clustered(400)
+    store = make_store(tmp_path / "s.tle", x)
+    Index.build(store, tmp_path / "i.tli", "ivf", log=lambda *_: None)
+    with EmbeddingStore.open(store, "a") as s:
+        s.remove([f"img{i:05d}.jpg" for i in range(0, 400, 4)])  # 100 gone
+        new = clustered(30, seed=5)
+        s.add([ManifestRow(f"new{i}.jpg", None, None, "h", 1, 1, 1, 1) for i in range(30)], new)
+        s.compact()
+    said = []
+    idx = Index.build(store, tmp_path / "i.tli", "ivf", log=said.append)
+    assert said == ["updated " + str(tmp_path / "i.tli") + ": +30 added, -100 removed (no rebuild)"]
+    assert len(idx) == 330
+    for i in (1, 2, 399):
+        assert idx.search_vectors(x[i], 1)[0][0].path.endswith(f"img{i:05d}.jpg")
+    assert idx.search_vectors(new[7], 1)[0][0].path.endswith("new7.jpg")
+    removed = idx.search_vectors(x[4], 10)[0]
+    assert not any(h.path.endswith("img00004.jpg") for h in removed)
+    said.clear()
+    Index.build(store, tmp_path / "i.tli", "hnsw", log=said.append)
+    assert "rebuilding" in said[0]
+
+
+def test_mismatched_store_is_refused(tmp_path):
+    x = clustered(50)
+    Index.build(make_store(tmp_path / "s.tle", x), tmp_path / "i.tli", log=lambda *_: None)
+    other = BackboneSpec("other", "random", "random", 32, "none", "avg", DIM)
+    with EmbeddingStore.create(tmp_path / "o.tle", other) as s:
+        s.add([ManifestRow("a.jpg", None, None, "h", 1, 1, 1, 1)], x[:1])
+    with pytest.raises(TlEmbedError, match="cannot be mixed"):
+        Index.build(tmp_path / "o.tle", tmp_path / "i.tli")
+    with pytest.raises(TlEmbedError, match="bad FAISS factory"):
+        Index.build(tmp_path / "s.tle", tmp_path / "j.tli", "NoSuchIndex,Flat")
+
+
+def test_dedup_groups_planted_duplicates_largest_first(tmp_path):
+    x = clustered(100)
+    x[10] = x[3] * 1.01  # a 3-image group and a pair
+    x[20] = x[3] + 0.001
+    x[50] = x[40] * 0.5  # cosine is scale-free
+    groups = find_duplicates(make_store(tmp_path / "s.tle", x), 0.999)
+    assert [sorted(p.split("/")[-1] for p, _ in g) for g in groups] == [
+        ["img00003.jpg", "img00010.jpg", "img00020.jpg"], ["img00040.jpg", "img00050.jpg"]]
+
+
+def test_cli_index_search_formats(tmp_path, image_folder, tiny_model, capsys):
+    store = str(tmp_path / "s.tle")
+    main(["embed", str(image_folder), "--out", store, "--model", tiny_model, "--layer", "features", "-q"])
+    assert main(["index", store, "--out", str(tmp_path / "i.tli")]) == 0
+    assert "recall@10 1.000" in capsys.readouterr().out
+    query = image_folder / "red" / "red_002.jpg"
+    assert main(["search", str(tmp_path / "i.tli"), str(query), "-k", "3", "--format", "json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res[0]["neighbours"][0]["path"] == str(query.resolve())
+    assert all("/red/" in n["path"] for n in res[0]["neighbours"])
+    fresh = tmp_path / "q.png"  # not in the store: embedded with the recorded backbone
+    Image.open(query).save(fresh)
+    html = tmp_path / "sheet.html"
+    assert main(["search", str(tmp_path / "i.tli"), str(fresh), "--format", "html", "--out", str(html)]) == 0
+    page = html.read_text()
+    capsys.readouterr()
+    assert page.count("<figure>") == 11 and "data:image/jpeg;base64," in page
+    assert main(["dedup", store, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.startswith("group,size,path,similarity")
