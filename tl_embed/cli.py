@@ -6,6 +6,7 @@ User errors (:class:`TlEmbedError`) become one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -19,7 +20,8 @@ from .errors import TlEmbedError
 EPILOG = "Run `tl-embed COMMAND --help` for a command's options. Docs: README.md."
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, raise_errors: bool = False) -> int:
+    """Entry point; ``raise_errors`` lets a caller (the pipeline runner) see user errors itself."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except TlEmbedError as e:
+        if raise_errors:
+            raise
         print(f"tl-embed: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -378,6 +382,8 @@ def _register_search(sub) -> None:
     p.add_argument("index", help="index folder from `tl-embed index`")
     p.add_argument("queries", nargs="+", help="query images or folders (or paths of stored images)")
     p.add_argument("-k", type=int, default=10, help="neighbours per query")
+    p.add_argument("--limit", type=int, default=None,
+                   help="query at most this many of the given images, evenly spread (a sample)")
     p.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
     p.add_argument("--out", default="search.html", help="with --format html: the page to write")
     p.add_argument("--runtime", default="auto")
@@ -385,10 +391,14 @@ def _register_search(sub) -> None:
 
 
 def cmd_search(args) -> None:
+    from .embed import expand_inputs
     from .index import Index
 
     idx = Index.open(args.index)
-    results = idx.search(args.queries, args.k, args.runtime)
+    queries = expand_inputs(args.queries) if any(Path(q).is_dir() for q in args.queries) else args.queries
+    if args.limit and len(queries) > args.limit:
+        queries = [queries[round(i)] for i in np.linspace(0, len(queries) - 1, args.limit)]
+    results = idx.search(queries, args.k, args.runtime)
     score = "similarity" if idx.meta["metric"] == "cosine" else "distance"
     if args.format == "html":
         from .report import contact_sheet
@@ -418,6 +428,7 @@ def _register_dedup(sub) -> None:
     p.add_argument("store")
     p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity for duplicates")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--out", default=None, help="write the report to this file instead of printing it")
     p.set_defaults(func=cmd_dedup)
 
 
@@ -425,27 +436,57 @@ def cmd_dedup(args) -> None:
     from .index import find_duplicates
 
     groups = find_duplicates(args.store, args.threshold)
+    buf = io.StringIO()
     if args.format == "json":
-        print(json.dumps([[{"path": p, "similarity": round(s, 4)} for p, s in g] for g in groups], indent=2))
+        buf.write(json.dumps([[{"path": p, "similarity": round(s, 4)} for p, s in g] for g in groups], indent=2))
     elif args.format == "csv":
         import csv
 
-        w = csv.writer(sys.stdout)
+        w = csv.writer(buf)
         w.writerow(["group", "size", "path", "similarity"])
         for n, g in enumerate(groups, 1):
             w.writerows([n, len(g), p, f"{s:.4f}"] for p, s in g)
     else:
         total = sum(len(g) for g in groups)
-        print(f"{len(groups)} group(s) of near-duplicates (cosine >= {args.threshold}), {total} images")
+        buf.write(f"{len(groups)} group(s) of near-duplicates (cosine >= {args.threshold}), {total} images\n")
         for n, g in enumerate(groups, 1):
-            print(f"group {n} ({len(g)} images)")
-            for p, s in g:
-                print(f"  {s:.4f}  {p}")
+            buf.write(f"group {n} ({len(g)} images)\n" + "".join(f"  {s:.4f}  {p}\n" for p, s in g))
+    if args.out:
+        from .store import _atomic_write
+
+        _atomic_write(Path(args.out), lambda f: f.write(buf.getvalue().encode()))
+        print(f"{len(groups)} group(s) of near-duplicates (cosine >= {args.threshold}); wrote {args.out}")
+    else:
+        print(buf.getvalue().rstrip("\n"))
+
+
+# ------------------------------------------------------------------- run
+def _register_run(sub) -> None:
+    p = _add(sub, "run", "run a pipeline file (pipelines/*.toml): several commands in one",
+             "Run the steps of a pipeline file in order. A step whose outputs are newer than its "
+             "inputs and whose options did not change is skipped (skipped: up to date).")
+    p.add_argument("pipeline", help="pipeline file, e.g. pipelines/classify-folder.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pipeline variable (images=..., model=..., weights=..., out=...)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> None:
+    from . import pipeline
+
+    pipe = pipeline.load(args.pipeline, args.overrides)
+    if pipe.description:
+        print(pipe.description)
+    ran = pipeline.run(pipe, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(f"pipeline {Path(args.pipeline).name}: {ran} step(s) ran, "
+              f"{len(pipe.steps) - ran} up to date; outputs in {pipe.stamp_dir}")
 
 
 COMMANDS = [_register_models, _register_embed, _register_info, _register_export, _register_train,
             _register_predict, _register_evaluate, _register_classify, _register_index,
-            _register_search, _register_dedup]
+            _register_search, _register_dedup, _register_run]
 
 if __name__ == "__main__":
     sys.exit(main())
