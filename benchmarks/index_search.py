@@ -1,8 +1,9 @@
 """FAISS index quality and speed at 10k, 100k and 1M vectors (dimension 1280), side by side.
 
 For each N: every index type `tl-embed index --type auto` may choose (Flat, IVF, IVF-PQ) plus HNSW,
-next to plain IndexFlatIP, on clustered synthetic data. Prints build time, memory, QPS over 1 000 queries (k=10, all cores), single-query latency
-and recall@10 against exact search for queries not in the index.
+next to plain IndexFlatIP, on clustered synthetic data. Prints build time, memory,
+QPS over 1 000 queries (k=10, all cores), single-query latency and recall@10 against exact search
+for queries not in the index.
 
     python benchmarks/index_search.py [--sizes 10000 100000 1000000] [--types ...]
 """

@@ -452,9 +452,9 @@ def cmd_dedup(args) -> None:
         for n, g in enumerate(groups, 1):
             buf.write(f"group {n} ({len(g)} images)\n" + "".join(f"  {s:.4f}  {p}\n" for p, s in g))
     if args.out:
-        from .store import _atomic_write
+        from .store import atomic_write
 
-        _atomic_write(Path(args.out), lambda f: f.write(buf.getvalue().encode()))
+        atomic_write(Path(args.out), lambda f: f.write(buf.getvalue().encode()))
         print(f"{len(groups)} group(s) of near-duplicates (cosine >= {args.threshold}); wrote {args.out}")
     else:
         print(buf.getvalue().rstrip("\n"))

@@ -114,10 +114,10 @@ class Head:
     def save(self, path: str | os.PathLike) -> None:
         import joblib
 
-        from .store import _atomic_write
+        from .store import atomic_write
 
         payload = {"format": MODEL_FORMAT, **self.__dict__, "spec": self.spec.to_dict()}
-        _atomic_write(Path(path), lambda f: joblib.dump(payload, f, compress=3))
+        atomic_write(Path(path), lambda f: joblib.dump(payload, f, compress=3))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Head:

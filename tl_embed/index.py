@@ -21,7 +21,7 @@ import numpy as np
 
 from .backbones import BackboneSpec, check_compatible
 from .errors import TlEmbedError
-from .store import EmbeddingStore, _atomic_write
+from .store import EmbeddingStore, atomic_write
 
 METRICS = ("cosine", "l2")
 TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
@@ -145,9 +145,9 @@ class Index:
         faiss = _faiss()
         self.path.mkdir(parents=True, exist_ok=True)
         blob = faiss.serialize_index(self.faiss_index)
-        _atomic_write(self.path / INDEX_FILE, lambda f: f.write(blob.tobytes()))
+        atomic_write(self.path / INDEX_FILE, lambda f: f.write(blob.tobytes()))
         self.meta["memory_bytes"] = int(blob.nbytes)
-        _atomic_write(self.path / META_FILE, lambda f: f.write(json.dumps(self.meta).encode()))
+        atomic_write(self.path / META_FILE, lambda f: f.write(json.dumps(self.meta).encode()))
 
     def __len__(self) -> int:
         return int(self.faiss_index.ntotal)

@@ -241,8 +241,8 @@ def run(pipeline: Pipeline, dry_run: bool = False, echo=print) -> int:
             raise TlEmbedError(f"step {step.name!r} failed (exit status {code}); later steps not run")
         stamps[step.name] = {"key": step.key, "inputs": {str(p): signature(p) for p in step.inputs}}
         pipeline.stamp_dir.mkdir(parents=True, exist_ok=True)
-        from .store import _atomic_write
+        from .store import atomic_write
 
-        _atomic_write(stamp_path, lambda f: f.write(json.dumps(stamps, indent=2).encode()))
+        atomic_write(stamp_path, lambda f: f.write(json.dumps(stamps, indent=2).encode()))
         ran += 1
     return ran

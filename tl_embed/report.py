@@ -78,13 +78,13 @@ def confusion_png(m: Metrics, path: Path, cell: int = 44) -> None:
 
 def write_report(m: Metrics, prefix: Path, title: str, details: dict[str, Any]) -> list[Path]:
     """Write PREFIX.report.json, PREFIX.report.md and PREFIX.confusion.png; returns the paths."""
-    from .store import _atomic_write
+    from .store import atomic_write
 
     json_p, md_p, png_p = (prefix.with_name(prefix.name + s)
                            for s in (".report.json", ".report.md", ".confusion.png"))
     payload = json.dumps({"title": title, **details, "metrics": m.to_dict()}, indent=2, default=str)
-    _atomic_write(json_p, lambda f: f.write(payload.encode()))
-    _atomic_write(md_p, lambda f: f.write(metrics_markdown(m, title, details).encode()))
+    atomic_write(json_p, lambda f: f.write(payload.encode()))
+    atomic_write(md_p, lambda f: f.write(metrics_markdown(m, title, details).encode()))
     confusion_png(m, png_p)
     return [json_p, md_p, png_p]
 
@@ -108,7 +108,7 @@ def thumbnail_uri(path: Path, size: int = 160) -> str:
 def contact_sheet(results: list[tuple[Path, list[tuple[int, str, float]]]], out: Path,
                   title: str, root: Path | None = None) -> None:
     """HTML page: each query image followed by its neighbours (rank, path, score) as thumbnails."""
-    from .store import _atomic_write
+    from .store import atomic_write
 
     def tile(path: Path, caption: str) -> str:
         src = thumbnail_uri(path)
@@ -128,4 +128,4 @@ margin-bottom:18px;border-bottom:1px solid #ddd;padding-bottom:12px}}figure{{mar
 figure:first-child{{outline:3px solid #2a6}}img{{max-width:160px;max-height:160px;display:block}}
 figcaption{{font-size:11px;word-break:break-all}}.missing{{width:160px;height:100px;background:#eee}}</style>
 </head><body><h1>{html.escape(title)}</h1>{"".join(rows)}</body></html>"""
-    _atomic_write(out, lambda f: f.write(page.encode()))
+    atomic_write(out, lambda f: f.write(page.encode()))

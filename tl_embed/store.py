@@ -258,7 +258,7 @@ class EmbeddingStore:
 
     def export(self, npy_path: str | os.PathLike, csv_path: str | os.PathLike) -> None:
         """Write embeddings to ``.npy`` and the aligned manifest to ``.csv`` (both atomically)."""
-        _atomic_write(Path(npy_path), lambda f: np.save(f, np.asarray(self.embeddings)))
+        atomic_write(Path(npy_path), lambda f: np.save(f, np.asarray(self.embeddings)))
 
         def write_csv(f):
             text = open(f.fileno(), "w", newline="", encoding="utf-8", closefd=False)
@@ -268,7 +268,7 @@ class EmbeddingStore:
                 w.writerow([i, r.path, r.label or "", r.split or "", r.sha256, r.width, r.height])
             text.flush()
 
-        _atomic_write(Path(csv_path), write_csv)
+        atomic_write(Path(csv_path), write_csv)
 
     # ------------------------------------------------------------ write side
     def _require_writer(self) -> None:
@@ -365,7 +365,7 @@ class EmbeddingStore:
         on_disk = [int(p.stem) for p in (self.path / "shards").glob("*.npy") if p.stem.isdigit()]
         sid = max([row or 0, *on_disk]) + 1
         name = f"{sid:08d}.npy"
-        _atomic_write(self.path / "shards" / name, lambda f: np.save(f, vectors))
+        atomic_write(self.path / "shards" / name, lambda f: np.save(f, vectors))
         return sid, name
 
     def _remove_orphan_files(self) -> None:
@@ -404,7 +404,7 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def _atomic_write(target: Path, write) -> None:
+def atomic_write(target: Path, write) -> None:
     """Write via a temp file in the same folder, fsync it, rename over ``target``, fsync the folder."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
