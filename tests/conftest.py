@@ -35,6 +35,14 @@ def make_folder(root: Path, per_class: int = 6, classes=("red", "green", "blue")
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def converted_model_cache(tmp_path_factory) -> Path:
+    """Converted models go to a temporary cache, never the user's ~/.keras."""
+    path = tmp_path_factory.mktemp("tl_embed_cache")
+    os.environ["TL_EMBED_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_folder(tmp_path / "images")

@@ -59,3 +59,21 @@ def test_classify_with_the_full_imagenet_model(use_keras_home):
     cat_words = ("cat", "tabby", "lynx", "cougar")
     hits = sum(any(w in name for name, _ in preds for w in cat_words) for _, preds in results)
     assert hits >= 6, results
+
+
+def test_openvino_store_matches_the_keras_reference_on_real_photos(hymenoptera_store, use_keras_home):
+    """The store was written by the auto (openvino) runtime; Keras recomputes 96 photos from scratch."""
+    from tl_embed.backbones import load_backbone
+    from tl_embed.images import load_image
+    from tl_embed.runtime import KerasRuntime
+
+    out, report = hymenoptera_store
+    assert report.runtime == "openvino"
+    with EmbeddingStore.open(out) as s:
+        picked = np.arange(0, len(s), 4)[:96]
+        stored = np.asarray(s.embeddings)[picked]
+        files = [s.absolute_path(s.rows[i].path) for i in picked]
+    keras_run = KerasRuntime(load_backbone("mobilenet_v2"))
+    reference = keras_run(np.stack([load_image(f, 224).pixels for f in files]))
+    cos = (stored * reference).sum(1) / np.linalg.norm(stored, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cos.min() >= 0.9999

@@ -75,6 +75,21 @@ def add_backbone_options(p: argparse.ArgumentParser) -> None:
                    help="custom model only: use this backbone's preprocess_input (default: none)")
 
 
+def _runtime_name(value: str) -> str:
+    from .runtime import check_runtime
+
+    try:
+        return check_runtime(value)
+    except TlEmbedError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_runtime_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", default="auto", type=_runtime_name,
+                   help="how the backbone runs: 'openvino' (fast fp32, converted once and cached), "
+                        "'keras' (the reference), or 'auto' (openvino, falling back to keras with a notice)")
+
+
 # ---------------------------------------------------------------- models
 def _register_models(sub) -> None:
     p = _add(sub, "models", "list the available backbones")
@@ -108,7 +123,7 @@ def _register_embed(sub) -> None:
                    help="storage precision of a new store")
     p.add_argument("--batch-size", type=int, default=64, help="images per inference batch and commit")
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU cores)")
-    p.add_argument("--runtime", default="auto", help="inference runtime (see README)")
+    add_runtime_option(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_embed)
 
@@ -235,7 +250,7 @@ def _register_predict(sub) -> None:
     p.add_argument("--min-confidence", type=float, default=0.0,
                    help="below this top probability the answer is 'unknown'")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    p.add_argument("--runtime", default="auto")
+    add_runtime_option(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -290,7 +305,7 @@ def _register_evaluate(sub) -> None:
     p.add_argument("--split", default=None, help="only this split of a store (train/val/test)")
     p.add_argument("--out", default=None,
                    help="also write OUT.report.json/.md and OUT.confusion.png")
-    p.add_argument("--runtime", default="auto")
+    add_runtime_option(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -386,7 +401,7 @@ def _register_search(sub) -> None:
                    help="query at most this many of the given images, evenly spread (a sample)")
     p.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
     p.add_argument("--out", default="search.html", help="with --format html: the page to write")
-    p.add_argument("--runtime", default="auto")
+    add_runtime_option(p)
     p.set_defaults(func=cmd_search)
 
 

@@ -27,6 +27,7 @@ from .backbones import (
 )
 from .errors import StoreError, TlEmbedError
 from .images import DecodedImage, ImageDecodeError, is_image_file, load_image
+from .runtime import Runtime, cpu_count, make_runtime, stream
 from .store import MANIFEST, EmbeddingStore, Failure, ManifestRow
 
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
@@ -118,9 +119,10 @@ class EmbedReport:
     embed_seconds: float = 0.0  # decode + inference only, excluding model loading
     total: int = 0
     interrupted: bool = False
+    runtime: str | None = None  # which runtime ran the model, when one was needed
 
     def text(self) -> str:
-        rate = (f" ({self.embedded / self.embed_seconds:.1f} images/s)"
+        rate = (f" ({self.embedded / self.embed_seconds:.1f} images/s with the {self.runtime} runtime)"
                 if self.embedded and self.embed_seconds else "")
         parts = [f"{self.embedded} embedded{rate}", f"{self.unchanged} unchanged (skipped)"]
         if self.removed:
@@ -145,8 +147,6 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
                  workers: int | None = None, runtime: str = "auto", progress: bool = True,
                  loader: Callable[..., LoadedBackbone] = load_backbone) -> EmbedReport:
     """Bring the store at ``out`` up to date with the image folder ``images``."""
-    from .runtime import make_runtime
-
     t0 = time.perf_counter()
     if batch_size < 1:
         raise TlEmbedError("--batch-size must be at least 1")
@@ -175,10 +175,11 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
                 check_compatible(store.spec, backbone.spec, f"store {out}")
             report.spec = backbone.spec
             run = make_runtime(backbone, runtime)
+            report.runtime = run.name
             t_embed = time.perf_counter()
             try:
                 _embed_files(p.todo, store, run, backbone.spec.input_size, batch_size,
-                             workers or os.cpu_count() or 2, report, progress)
+                             workers or cpu_count(), report, progress)
             except KeyboardInterrupt:
                 report.interrupted = True
             report.embed_seconds = time.perf_counter() - t_embed
@@ -234,31 +235,30 @@ def _decode_all(todo: list[ImageFile], size: int, workers: int, lookahead: int) 
                 fut.cancel()
 
 
-def _embed_files(todo: list[ImageFile], store: EmbeddingStore, run, size: int, batch_size: int,
+def _embed_files(todo: list[ImageFile], store: EmbeddingStore, run: Runtime, size: int, batch_size: int,
                  workers: int, report: EmbedReport, progress: bool) -> None:
+    """Decode -> batch -> runtime -> store; each batch is committed as soon as its vectors are back."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit="img", desc="embedding", disable=not progress,
                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
-    pixels: list[np.ndarray] = []
-    rows: list[ManifestRow] = []
     failures: list[Failure] = []
     touched: list[tuple[str, int, int]] = []
 
-    def flush() -> None:
-        if rows:
-            store.add(rows, run(np.stack(pixels)))
-            report.embedded += len(rows)
+    def record_skipped() -> None:
+        """Failures and touched-but-unchanged files, committed together rather than one by one."""
         if failures:
             store.record_failures(failures)
             report.failed.extend(failures)
         if touched:
             store.touch(touched)
             report.unchanged += len(touched)
-        bar.update(len(rows) + len(failures) + len(touched))
-        pixels.clear(), rows.clear(), failures.clear(), touched.clear()
+        bar.update(len(failures) + len(touched))
+        failures.clear(), touched.clear()
 
-    try:
+    def batches() -> Iterator[tuple[list[ManifestRow], np.ndarray]]:
+        pixels: list[np.ndarray] = []
+        rows: list[ManifestRow] = []
         for f, result in _decode_all(todo, size, workers, lookahead=2 * batch_size):
             if isinstance(result, ImageDecodeError):
                 failures.append(Failure(f.rel, result.reason, f.size, f.mtime_ns))
@@ -271,8 +271,18 @@ def _embed_files(todo: list[ImageFile], store: EmbeddingStore, run, size: int, b
             rows.append(ManifestRow(f.rel, f.label, f.split, result.sha256, f.size, f.mtime_ns,
                                     result.width, result.height))
             if len(rows) >= batch_size:
-                flush()
-        flush()
+                record_skipped()
+                yield rows, np.stack(pixels)
+                pixels, rows = [], []
+        record_skipped()
+        if rows:
+            yield rows, np.stack(pixels)
+
+    try:
+        for rows, vectors in stream(run, batches()):
+            store.add(rows, vectors)
+            report.embedded += len(rows)
+            bar.update(len(rows))
     finally:
         bar.close()
 
@@ -300,24 +310,27 @@ def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
     return paths
 
 
-def embed_paths(paths: list[Path], run, size: int, batch_size: int = 32,
+def embed_paths(paths: list[Path], run: Runtime, size: int, batch_size: int = 32,
                 workers: int | None = None) -> EmbeddedPaths:
     """Decode (in parallel) and embed image files; unreadable ones are returned in ``failed``."""
     files = [ImageFile(str(p), Path(p), None, None, 0, 0) for p in paths]
     ok: list[Path] = []
-    chunks: list[np.ndarray] = []
     failed: list[tuple[Path, str]] = []
-    batch: list[np.ndarray] = []
-    for f, result in _decode_all(files, size, workers or os.cpu_count() or 2, 2 * batch_size):
-        if isinstance(result, ImageDecodeError):
-            failed.append((f.path, result.reason))
-            continue
-        ok.append(f.path)
-        batch.append(result.pixels)
-        if len(batch) == batch_size:
-            chunks.append(run(np.stack(batch)))
-            batch.clear()
-    if batch:
-        chunks.append(run(np.stack(batch)))
+
+    def batches() -> Iterator[tuple[None, np.ndarray]]:
+        batch: list[np.ndarray] = []
+        for f, result in _decode_all(files, size, workers or cpu_count(), 2 * batch_size):
+            if isinstance(result, ImageDecodeError):
+                failed.append((f.path, result.reason))
+                continue
+            ok.append(f.path)
+            batch.append(result.pixels)
+            if len(batch) == batch_size:
+                yield None, np.stack(batch)
+                batch = []
+        if batch:
+            yield None, np.stack(batch)
+
+    chunks = [vectors for _, vectors in stream(run, batches())]
     vectors = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
     return EmbeddedPaths(ok, vectors, failed)

@@ -70,9 +70,10 @@ def decode_bytes(data: bytes, size: int) -> tuple[np.ndarray, int, int]:
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: several times faster for big photos.
                 img.draft("RGB", (size, size))
             img.load()
-            if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated 90 degrees
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+            if orientation in (5, 6, 7, 8):  # rotated 90 degrees
                 w, h = h, w
-            rgb = to_rgb(ImageOps.exif_transpose(img))
+            rgb = to_rgb(ImageOps.exif_transpose(img) if orientation != 1 else img)  # no copy when upright
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:
