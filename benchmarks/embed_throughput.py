@@ -5,7 +5,9 @@
 (c) `tl-embed embed` (embed_folder) with each runtime, end to end from JPEG into a fresh store
 (d) the model-only ceiling of each runtime on pre-decoded uint8 tensors
 
-Prints images/s, the ratios (c)/(a), (c)/(b), (c)/(d), and each runtime's embedding cosine vs Keras.
+Prints images/s, the ratios (c)/(a), (c)/(b), (c)/(d), and each runtime's embedding cosine vs Keras,
+then the physical limit: the model's FLOPs per image x the best (d) against the CPU's fp32 peak
+(cores x FLOP/cycle x clock; the FLOP/cycle assumed from the CPU flags is printed, --peak-gflops overrides).
 Random weights (weights=none): speed does not depend on the weight values.
 
     python benchmarks/embed_throughput.py [--models mobilenet_v2 efficientnet_b0 resnet50] [--n 1000]
@@ -67,15 +69,45 @@ def batched_predict(model, module, files, size, batch=32) -> float:
 
 
 def model_only(run, pixels: np.ndarray, batch=64, repeats=3) -> float:
-    """(d) the runtime alone on pre-decoded tensors (best of ``repeats`` passes)."""
+    """(d) the runtime alone on pre-decoded tensors, batches streamed as embed does (best of ``repeats``)."""
+    from tl_embed.runtime import stream
+
     run(pixels[:batch])  # warm-up
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        for i in range(0, len(pixels), batch):
-            run(pixels[i:i + batch])
+        for _ in stream(run, ((None, pixels[i:i + batch]) for i in range(0, len(pixels), batch))):
+            pass
         best = min(best, time.perf_counter() - t)
     return len(pixels) / best
+
+
+def model_flops(model) -> float:
+    """Multiply-adds x 2 per image in the convolutions and dense layers (the rest is noise)."""
+    total = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        kind = type(layer).__name__
+        if kind not in ("Conv2D", "DepthwiseConv2D", "Dense"):
+            continue
+        out = layer.output.shape
+        kernel = layer.kernel.shape  # Conv2D (kh, kw, in/groups, out); Depthwise (kh, kw, in, mult)
+        if kind == "Dense":
+            total += kernel[0] * kernel[1]
+        else:
+            total += out[1] * out[2] * int(np.prod(kernel[:3])) * (out[3] if kind == "Conv2D" else kernel[3])
+    return 2.0 * total
+
+
+def cpu_peak_gflops() -> tuple[float, str]:
+    """fp32 peak from /proc/cpuinfo: cores x FMA lanes x 2 FMA units x 2 FLOP x base clock."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+    mhz = next((float(ln.split(":")[1]) for ln in info.splitlines() if ln.startswith("cpu MHz")), 0.0)
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    per_cycle = lanes * 2 * 2
+    cores = len(os.sched_getaffinity(0))
+    return cores * per_cycle * mhz / 1000, (f"{cores} cores x {per_cycle} FLOP/cycle ({lanes}-lane FMA, "
+                                            f"2 units assumed) x {mhz / 1000:.2f} GHz")
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> float:
@@ -84,7 +116,8 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum(1).min())
 
 
-def bench_model(name: str, files: list[Path], folder: Path, runtimes: list[str], n_tutorial: int) -> None:
+def bench_model(name: str, files: list[Path], folder: Path, runtimes: list[str], n_tutorial: int,
+                peak_gflops: tuple[float, str] | None) -> None:
     import keras
 
     from tl_embed.backbones import get_backbone, load_backbone
@@ -106,6 +139,7 @@ def bench_model(name: str, files: list[Path], folder: Path, runtimes: list[str],
     backbone = load_backbone(name, weights="none")
     pixels = np.stack([load_image(f, bb.input_size).pixels for f in files[:256]])
     reference = None
+    best_d = 0.0
     for rt in runtimes:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "bench.tle"
@@ -116,11 +150,18 @@ def bench_model(name: str, files: list[Path], folder: Path, runtimes: list[str],
                 emb = np.array(s.embeddings)
         run = make_runtime(backbone, rt)
         d = model_only(run, pixels)
+        del run  # its threads would compete with the next runtime's
+        best_d = max(best_d, d)
         reference = emb if reference is None else reference
         cos = cosine_rows(emb, reference)
         print(f"(c) tl-embed embed --runtime {rt:<8}{c:8.1f} img/s   (d) model only {d:7.1f} img/s   "
               f"(c)/(a) {c / a:5.1f}x  (c)/(b) {c / b:4.1f}x  (c)/(d) {c / d:4.0%}  "
               f"min cosine vs {runtimes[0]} {cos:.5f}  ({rep.seconds:.1f} s wall incl. conversion)")
+    gflop = model_flops(backbone.model) / 1e9
+    peak, how = peak_gflops or cpu_peak_gflops()
+    print(f"physical limit: {gflop:.2f} GFLOP/image x {best_d:.1f} img/s = {gflop * best_d:.0f} GFLOP/s, "
+          f"{gflop * best_d / peak:.0%} of the fp32 peak {peak:.0f} GFLOP/s ({how}); "
+          f"at peak the model alone would run {peak / gflop:.0f} img/s")
 
 
 def main() -> None:
@@ -129,6 +170,7 @@ def main() -> None:
     ap.add_argument("--runtimes", nargs="+", default=None, help="default: keras + every available one")
     ap.add_argument("--n", type=int, default=1000, help="number of JPEGs")
     ap.add_argument("--n-tutorial", type=int, default=200, help="images for the slow per-image loop")
+    ap.add_argument("--peak-gflops", type=float, default=None, help="this CPU's fp32 peak, if known better")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from tl_embed.runtime import available_runtimes
@@ -139,7 +181,8 @@ def main() -> None:
     try:
         folder = link_folder(files, tmp)
         for name in args.models:
-            bench_model(name, files, folder, runtimes, args.n_tutorial)
+            peak = (args.peak_gflops, "given") if args.peak_gflops else None
+            bench_model(name, files, folder, runtimes, args.n_tutorial, peak)
     finally:
         shutil.rmtree(tmp)
 

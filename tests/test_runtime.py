@@ -36,7 +36,7 @@ def test_openvino_matches_keras(tiny_backbone):
 
 def test_stream_keeps_order_across_streams(tiny_backbone):
     run = rt.make_runtime(tiny_backbone, "openvino")
-    batches = [(f"b{i}", pixels(n, seed=i)) for i, n in enumerate([5, 1, 8, 3, 7, 2])]
+    batches = [(f"b{i}", pixels(n, seed=i)) for i, n in enumerate([5, 1, 8, 0, 3, 7, 2])]
     out = list(rt.stream(run, iter(batches)))
     assert [tag for tag, _ in out] == [tag for tag, _ in batches]
     keras = rt.KerasRuntime(tiny_backbone)
