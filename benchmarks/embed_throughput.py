@@ -82,6 +82,16 @@ def model_only(run, pixels: np.ndarray, batch=64, repeats=3) -> float:
     return len(pixels) / best
 
 
+def decode_rate(files: list[Path], size: int) -> float:
+    """Images/s one core decodes (read, sha256, JPEG draft decode, resize): what embed needs besides the model."""
+    from tl_embed.images import load_image
+
+    t = time.perf_counter()
+    for f in files:
+        load_image(f, size)
+    return len(files) / (time.perf_counter() - t)
+
+
 def model_flops(model) -> float:
     """Multiply-adds x 2 per image in the convolutions and dense layers (the rest is noise)."""
     total = 0
@@ -140,6 +150,8 @@ def bench_model(name: str, files: list[Path], folder: Path, runtimes: list[str],
     pixels = np.stack([load_image(f, bb.input_size).pixels for f in files[:256]])
     reference = None
     best_d = 0.0
+    decode = decode_rate(files, bb.input_size)
+    cores = len(os.sched_getaffinity(0))
     for rt in runtimes:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "bench.tle"
@@ -157,6 +169,9 @@ def bench_model(name: str, files: list[Path], folder: Path, runtimes: list[str],
         print(f"(c) tl-embed embed --runtime {rt:<8}{c:8.1f} img/s   (d) model only {d:7.1f} img/s   "
               f"(c)/(a) {c / a:5.1f}x  (c)/(b) {c / b:4.1f}x  (c)/(d) {c / d:4.0%}  "
               f"min cosine vs {runtimes[0]} {cos:.5f}  ({rep.seconds:.1f} s wall incl. conversion)")
+    bound = cores / (cores / decode + 1 / best_d)  # decode and the fastest model share the cores
+    print(f"decoding alone: {decode:.0f} img/s on one core; with decoding sharing the {cores} cores, the "
+          f"fastest model bounds end-to-end at {bound:.1f} img/s = {bound / best_d:.0%} of (d)")
     gflop = model_flops(backbone.model) / 1e9
     peak, how = peak_gflops or cpu_peak_gflops()
     print(f"physical limit: {gflop:.2f} GFLOP/image x {best_d:.1f} img/s = {gflop * best_d:.0f} GFLOP/s, "

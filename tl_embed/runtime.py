@@ -5,7 +5,7 @@ Two runtimes compute the same function:
 * ``keras``: the reference.  The model traced once into a ``tf.function`` with a fixed signature,
   which skips ``model.predict``'s per-call dataset/callback machinery.
 * ``openvino``: the Keras model converted once to OpenVINO IR (fp32, weights not compressed) and
-  run by OpenVINO's CPU plugin; 1.4-2.5x the reference on a 2-core AVX-512 CPU
+  run by OpenVINO's CPU plugin; 1.5-2.5x the reference end to end on a 2-core AVX-512 CPU
   (``benchmarks/embed_throughput.py``).  Converted models are cached under :func:`converted_cache_dir`
   keyed by the backbone's identity (name, weights sha256, input size, preprocessing, pooling, layer).
 
@@ -34,7 +34,7 @@ from .errors import TlEmbedError
 
 RUNTIMES = ("auto", "keras", "openvino")
 NOT_SHIPPED = {
-    "onnx": "ONNX Runtime was measured no faster than openvino here and tf2onnx failed on EfficientNet/ResNet",
+    "onnx": "ONNX Runtime was measured no faster than openvino here and tf2onnx failed on EfficientNet and ResNet",
     "tflite": "TFLite (XNNPACK) was measured slower than keras here",
 }
 IR_FORMAT = 1  # bump when the conversion below changes what it writes
