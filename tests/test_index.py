@@ -123,3 +123,12 @@ def test_cli_index_search_formats(tmp_path, image_folder, tiny_model, capsys):
     assert page.count("<figure>") == 11 and "data:image/jpeg;base64," in page
     assert main(["dedup", store, "--format", "csv"]) == 0
     assert capsys.readouterr().out.startswith("group,size,path,similarity")
+
+
+def test_describe_warns_when_compression_misses_the_target(tmp_path):
+    x = clustered(2000)
+    store = make_store(tmp_path / "s.tle", x)
+    lossy = Index.build(store, tmp_path / "pq.tli", "IVF8,PQ2", target_recall=0.99, log=lambda *_: None)
+    assert lossy.meta["recall_at_10"] < 0.99 and "WARNING: recall@10 stays below" in lossy.describe()
+    exact = Index.build(store, tmp_path / "flat.tli", "flat", log=lambda *_: None)
+    assert "WARNING" not in exact.describe()

@@ -241,7 +241,7 @@ class Index:
             self.faiss_index.search(single, k)
             times.append(time.perf_counter() - t)
         self.meta.update({"recall_at_10": round(float(recall), 4), "recall_queries": len(q),
-                          "latency_ms": round(1000 * float(np.median(times)), 3)})
+                          "target_recall": target, "latency_ms": round(1000 * float(np.median(times)), 3)})
 
     def describe(self) -> str:
         m = self.meta
@@ -249,7 +249,17 @@ class Index:
         return (f"{self.path}: {m['factory']} ({m['metric']}{', ' + params if params else ''}) over "
                 f"{len(self)} vectors from {self.spec.describe()}; recall@10 {m['recall_at_10']:.3f} "
                 f"vs exact on {m['recall_queries']} queries, {m['memory_bytes'] / 1e6:.1f} MB, "
-                f"{m['latency_ms']:.2f} ms per single query; built in {m['build_seconds']:.1f} s")
+                f"{m['latency_ms']:.2f} ms per single query; built in {m['build_seconds']:.1f} s"
+                + _shortfall(m))
+
+
+def _shortfall(meta: dict) -> str:
+    """A warning when even the widest search misses the target (PQ compression lost too much)."""
+    target = meta.get("target_recall")
+    if target is None or meta["recall_at_10"] >= target:
+        return ""
+    return (f". WARNING: recall@10 stays below the target {target:.2f} even at the widest search; "
+            "use --type ivf (uncompressed) or a larger --max-memory")
 
 
 def _family(factory: str) -> str:
