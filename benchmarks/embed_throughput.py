@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tl_embed.runtime import cpu_count
+
 HERE = Path(__file__).resolve().parent
 DATASETS = HERE.parent.parent / "shared" / "datasets"
 
@@ -115,7 +117,7 @@ def cpu_peak_gflops() -> tuple[float, str]:
     mhz = next((float(ln.split(":")[1]) for ln in info.splitlines() if ln.startswith("cpu MHz")), 0.0)
     lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
     per_cycle = lanes * 2 * 2
-    cores = len(os.sched_getaffinity(0))
+    cores = cpu_count()
     return cores * per_cycle * mhz / 1000, (f"{cores} cores x {per_cycle} FLOP/cycle ({lanes}-lane FMA, "
                                             f"2 units assumed) x {mhz / 1000:.2f} GHz")
 
@@ -142,7 +144,7 @@ def bench_model(name: str, files: list[Path], folder: Path, runtimes: list[str],
         weights=None, include_top=False, pooling="avg", input_shape=(bb.input_size,) * 2 + (3,))
     a = tutorial_loop(plain, module, files[:n_tutorial], bb.input_size)
     b = batched_predict(plain, module, files, bb.input_size)
-    print(f"\n== {name} ({bb.input_size}px, {len(files)} JPEGs, {os.cpu_count()} cores) ==")
+    print(f"\n== {name} ({bb.input_size}px, {len(files)} JPEGs, {cpu_count()} cores) ==")
     print(f"(a) tutorial per-image loop          {a:8.1f} img/s   (first {n_tutorial} images)")
     print(f"(b) batched predict, sequential PIL  {b:8.1f} img/s")
 
@@ -151,7 +153,7 @@ def bench_model(name: str, files: list[Path], folder: Path, runtimes: list[str],
     reference = None
     best_d = 0.0
     decode = decode_rate(files, bb.input_size)
-    cores = len(os.sched_getaffinity(0))
+    cores = cpu_count()
     for rt in runtimes:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "bench.tle"
