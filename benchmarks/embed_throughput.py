@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tl_embed.runtime import cpu_count
+from tl_embed.embedding.runtime import cpu_count
 
 HERE = Path(__file__).resolve().parent
 DATASETS = HERE.parent.parent / "shared" / "datasets"
@@ -72,7 +72,7 @@ def batched_predict(model, module, files, size, batch=32) -> float:
 
 def model_only(run, pixels: np.ndarray, batch=64, repeats=3) -> float:
     """(d) the runtime alone on pre-decoded tensors, batches streamed as embed does (best of ``repeats``)."""
-    from tl_embed.runtime import stream
+    from tl_embed.embedding.runtime import stream
 
     run(pixels[:batch])  # warm-up
     best = float("inf")
@@ -86,7 +86,7 @@ def model_only(run, pixels: np.ndarray, batch=64, repeats=3) -> float:
 
 def decode_rate(files: list[Path], size: int) -> float:
     """Images/s one core decodes (read, sha256, JPEG draft decode, resize): what embed needs besides the model."""
-    from tl_embed.images import load_image
+    from tl_embed.embedding.images import load_image
 
     t = time.perf_counter()
     for f in files:
@@ -132,11 +132,11 @@ def bench_model(name: str, files: list[Path], folder: Path, runtimes: list[str],
                 peak_gflops: tuple[float, str] | None) -> None:
     import keras
 
-    from tl_embed.backbones import get_backbone, load_backbone
-    from tl_embed.embed import embed_folder
-    from tl_embed.images import load_image
-    from tl_embed.runtime import make_runtime
-    from tl_embed.store import EmbeddingStore
+    from tl_embed.embedding.backbones import get_backbone, load_backbone
+    from tl_embed.embedding.embed import embed_folder
+    from tl_embed.embedding.images import load_image
+    from tl_embed.embedding.runtime import make_runtime
+    from tl_embed.embedding.store import EmbeddingStore
 
     bb = get_backbone(name)
     module = getattr(keras.applications, bb.module)
@@ -190,7 +190,7 @@ def main() -> None:
     ap.add_argument("--peak-gflops", type=float, default=None, help="this CPU's fp32 peak, if known better")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from tl_embed.runtime import available_runtimes
+    from tl_embed.embedding.runtime import available_runtimes
 
     runtimes = args.runtimes or available_runtimes()
     files = collect_jpegs(args.n)

@@ -32,8 +32,8 @@ def synthetic(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray
 
 
 def bench_synthetic(heads: list[str]) -> None:
-    from tl_embed.backbones import BackboneSpec
-    from tl_embed.heads import fit_head
+    from tl_embed.embedding.backbones import BackboneSpec
+    from tl_embed.heads.head import fit_head
 
     spec = BackboneSpec("synthetic", "random", "random", 224, "none", "avg", 1280)
     print(f"\n== synthetic 50 000 x 1280 ({os.cpu_count()} cores): train 50 000, test 10 000 ==")
@@ -49,7 +49,7 @@ def bench_synthetic(heads: list[str]) -> None:
 
 
 def embed_set(name: str, cache: Path) -> Path:
-    from tl_embed.embed import embed_folder
+    from tl_embed.embedding.embed import embed_folder
 
     out = cache / f"{name}.tle"
     embed_folder(SHARED / "datasets" / name, out, model="mobilenet_v2", progress=False)
@@ -61,9 +61,9 @@ def bench_real(heads: list[str], cache: Path) -> None:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from tl_embed.heads import evaluate_predictions, fit_head
-    from tl_embed.store import EmbeddingStore
-    from tl_embed.training import choose_split
+    from tl_embed.embedding.store import EmbeddingStore
+    from tl_embed.heads.head import evaluate_predictions, fit_head
+    from tl_embed.heads.training import choose_split
 
     home = Path(tempfile.mkdtemp())
     (home / "models").mkdir()

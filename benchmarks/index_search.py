@@ -38,12 +38,12 @@ def main() -> None:
     args = ap.parse_args()
     import faiss
 
-    from tl_embed.backbones import BackboneSpec
-    from tl_embed.index import Index, _prepare
-    from tl_embed.store import EmbeddingStore, ManifestRow
+    from tl_embed.embedding.backbones import BackboneSpec
+    from tl_embed.embedding.store import EmbeddingStore, ManifestRow
+    from tl_embed.search.index import Index, prepare_vectors
 
     for n in args.sizes:
-        data = _prepare(clustered(n + 1000), "cosine")
+        data = prepare_vectors(clustered(n + 1000), "cosine")
         x, q = data[:n], data[n:]
         print(f"\n== N = {n:,} x {DIM} ({os.cpu_count()} cores), 1 000 held-out queries, k = 10 ==")
         flat = faiss.IndexFlatIP(DIM)

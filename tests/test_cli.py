@@ -2,8 +2,8 @@ import json
 import subprocess
 import sys
 
-from tl_embed.backbones import BACKBONES
 from tl_embed.cli import main
+from tl_embed.embedding.backbones import BACKBONES
 
 
 def test_models_lists_every_backbone(capsys):

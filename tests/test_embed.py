@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from conftest import COLORS, make_folder, make_image
 
-from tl_embed.embed import embed_folder, label_and_split
+from tl_embed.embedding.embed import embed_folder
+from tl_embed.embedding.scan import label_and_split
+from tl_embed.embedding.store import EmbeddingStore
 from tl_embed.errors import StoreError
-from tl_embed.store import EmbeddingStore
 
 
 def test_labels_and_splits_follow_the_keras_convention():

@@ -5,13 +5,13 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
-from tl_embed.backbones import BackboneSpec
 from tl_embed.cli import main
+from tl_embed.embedding.backbones import BackboneSpec
+from tl_embed.embedding.sklearn_embedder import KerasImageEmbedder
+from tl_embed.embedding.store import EmbeddingStore, ManifestRow
 from tl_embed.errors import TlEmbedError
-from tl_embed.heads import HEADS, Head, fit_head
-from tl_embed.sklearn_embedder import KerasImageEmbedder
-from tl_embed.store import EmbeddingStore, ManifestRow
-from tl_embed.training import choose_split, train_from_store
+from tl_embed.heads.head import HEADS, Head, fit_head
+from tl_embed.heads.training import choose_split, train_from_store
 
 SPEC = BackboneSpec("synthetic", "random", "random", 32, "none", "avg", 64)
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_embed import images
-from tl_embed.images import ImageDecodeError, decode_bytes, load_image
+from tl_embed.embedding import images
+from tl_embed.embedding.images import ImageDecodeError, decode_bytes, load_image
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

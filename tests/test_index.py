@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_embed.backbones import BackboneSpec
 from tl_embed.cli import main
+from tl_embed.embedding.backbones import BackboneSpec
+from tl_embed.embedding.store import EmbeddingStore, ManifestRow
 from tl_embed.errors import TlEmbedError
-from tl_embed.index import Index, choose_factory, find_duplicates
-from tl_embed.store import EmbeddingStore, ManifestRow
+from tl_embed.search.dedup import find_duplicates
+from tl_embed.search.index import Index, choose_factory
 
 DIM = 32
 SPEC = BackboneSpec("synthetic", "random", "random", 32, "none", "avg", DIM)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from conftest import shared_dataset
 
-from tl_embed.backbones import sha256_file
-from tl_embed.embed import embed_folder
+from tl_embed.embedding.backbones import sha256_file
+from tl_embed.embedding.embed import embed_folder
+from tl_embed.embedding.store import EmbeddingStore
 from tl_embed.errors import WeightsUnavailableError
-from tl_embed.store import EmbeddingStore
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_real_photos_embed_with_genuine_weights(hymenoptera_store, keras_home):
 
 
 def test_missing_imagenet_weights_say_which_file(tmp_path, monkeypatch):
-    from tl_embed.backbones import load_backbone
+    from tl_embed.embedding.backbones import load_backbone
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     with pytest.raises(WeightsUnavailableError, match="mobilenet_1_0_224_tf_no_top.h5 at "):
@@ -44,7 +44,7 @@ def test_missing_imagenet_weights_say_which_file(tmp_path, monkeypatch):
 
 
 def test_logreg_head_on_real_embeddings(hymenoptera_store):
-    from tl_embed.training import train_from_store
+    from tl_embed.heads.training import train_from_store
 
     res = train_from_store(hymenoptera_store[0], "logreg")
     assert res.split == "the store's 'val' split" and res.metrics.n == 153
@@ -52,7 +52,7 @@ def test_logreg_head_on_real_embeddings(hymenoptera_store):
 
 
 def test_classify_with_the_full_imagenet_model(use_keras_home):
-    from tl_embed.classify import classify
+    from tl_embed.embedding.classify import classify
 
     cats = sorted((shared_dataset("pets3") / "test" / "Abyssinian").glob("*.jpg"))[:8]
     results = classify(cats, "mobilenet_v2", top_k=3)
@@ -63,9 +63,9 @@ def test_classify_with_the_full_imagenet_model(use_keras_home):
 
 def test_openvino_store_matches_the_keras_reference_on_real_photos(hymenoptera_store, use_keras_home):
     """The store was written by the auto (openvino) runtime; Keras recomputes 96 photos from scratch."""
-    from tl_embed.backbones import load_backbone
-    from tl_embed.images import load_image
-    from tl_embed.runtime import KerasRuntime
+    from tl_embed.embedding.backbones import load_backbone
+    from tl_embed.embedding.images import load_image
+    from tl_embed.embedding.runtime import KerasRuntime
 
     out, report = hymenoptera_store
     assert report.runtime == "openvino"

@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tl_embed import pipeline
-from tl_embed.cli import main
+from tl_embed.cli import main, pipeline
 from tl_embed.errors import TlEmbedError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from conftest import make_folder
 
-from tl_embed import runtime as rt
-from tl_embed.backbones import load_backbone
 from tl_embed.cli import main
-from tl_embed.embed import embed_folder
+from tl_embed.embedding import runtime as rt
+from tl_embed.embedding.backbones import load_backbone
+from tl_embed.embedding.embed import embed_folder
+from tl_embed.embedding.store import EmbeddingStore
 from tl_embed.errors import TlEmbedError
-from tl_embed.store import EmbeddingStore
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from tl_embed.backbones import BackboneSpec
+from tl_embed.embedding.backbones import BackboneSpec
+from tl_embed.embedding.store import EmbeddingStore, Failure, ManifestRow
 from tl_embed.errors import StoreError
-from tl_embed.store import EmbeddingStore, Failure, ManifestRow
 
 SPEC = BackboneSpec("test", "random", "random", 32, "none", "avg", 4)
 

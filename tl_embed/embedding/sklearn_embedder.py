@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from .errors import TlEmbedError
+from ..errors import TlEmbedError
 
 
 class KerasImageEmbedder(TransformerMixin, BaseEstimator):
@@ -40,7 +40,7 @@ class KerasImageEmbedder(TransformerMixin, BaseEstimator):
     def transform(self, X) -> np.ndarray:
         from pathlib import Path
 
-        from .embed import embed_paths
+        from .query import embed_paths
 
         if not hasattr(self, "run_"):
             self.fit()

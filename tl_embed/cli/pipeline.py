@@ -36,7 +36,8 @@ from pathlib import Path
 
 import tomllib
 
-from .errors import TlEmbedError, WeightsUnavailableError
+from ..errors import TlEmbedError, WeightsUnavailableError
+from .options import add_command
 
 STAMP_FILE = ".tl-embed-pipeline.json"
 STEP_KEYS = {"name": str, "run": str, "args": list, "inputs": list, "outputs": list, "options": dict}
@@ -142,7 +143,7 @@ def _parse_step(raw: dict, n: int, variables: dict[str, str], where: _Locator) -
 
 def _check_command(argv: list[str], name: str, error) -> None:
     """Let the real CLI parser judge the step's command line, without running it."""
-    from .cli import build_parser
+    from .main import build_parser
 
     parser = build_parser()
     if argv[0] in ("run",) or argv[0] not in parser._subparsers._group_actions[0].choices:
@@ -215,7 +216,7 @@ def _up_to_date(step: Step, stamps: dict) -> bool:
 
 def run(pipeline: Pipeline, dry_run: bool = False, echo=print) -> int:
     """Run the steps in order; returns the number of steps that ran."""
-    from .cli import main as cli_main
+    from .main import main as cli_main
 
     stamp_path = pipeline.stamp_dir / STAMP_FILE
     stamps = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
@@ -241,8 +242,30 @@ def run(pipeline: Pipeline, dry_run: bool = False, echo=print) -> int:
             raise TlEmbedError(f"step {step.name!r} failed (exit status {code}); later steps not run")
         stamps[step.name] = {"key": step.key, "inputs": {str(p): signature(p) for p in step.inputs}}
         pipeline.stamp_dir.mkdir(parents=True, exist_ok=True)
-        from .store import atomic_write
+        from ..files import atomic_write
 
         atomic_write(stamp_path, lambda f: f.write(json.dumps(stamps, indent=2).encode()))
         ran += 1
     return ran
+
+
+# ------------------------------------------------------------------- run
+def register_run(sub) -> None:
+    p = add_command(sub, "run", "run a pipeline file (pipelines/*.toml): several commands in one",
+             "Run the steps of a pipeline file in order. A step whose outputs are newer than its "
+             "inputs and whose options did not change is skipped (skipped: up to date).")
+    p.add_argument("pipeline", help="pipeline file, e.g. pipelines/classify-folder.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pipeline variable (images=..., model=..., weights=..., out=...)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> None:
+    pipe = load(args.pipeline, args.overrides)
+    if pipe.description:
+        print(pipe.description)
+    ran = run(pipe, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(f"pipeline {Path(args.pipeline).name}: {ran} step(s) ran, "
+              f"{len(pipe.steps) - ran} up to date; outputs in {pipe.stamp_dir}")

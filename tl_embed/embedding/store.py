@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from .. import __version__
+from ..errors import StoreError
+from ..files import atomic_write
 from .backbones import BackboneSpec
-from .errors import StoreError
 
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16")
@@ -402,21 +403,3 @@ def _lock(path: Path) -> int:
         raise StoreError(f"{path} is being written by another tl-embed process; "
                          "wait for it to finish (only one writer at a time)") from None
     return fd
-
-
-def atomic_write(target: Path, write) -> None:
-    """Write via a temp file in the same folder, fsync it, rename over ``target``, fsync the folder."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

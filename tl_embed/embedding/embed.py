@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import StoreError, TlEmbedError
 from .backbones import (
     BackboneSpec,
     LoadedBackbone,
@@ -25,57 +26,10 @@ from .backbones import (
     is_custom_model,
     load_backbone,
 )
-from .errors import StoreError, TlEmbedError
-from .images import DecodedImage, ImageDecodeError, is_image_file, load_image
+from .images import DecodedImage, ImageDecodeError, load_image
 from .runtime import Runtime, cpu_count, make_runtime, stream
+from .scan import ImageFile, scan
 from .store import MANIFEST, EmbeddingStore, Failure, ManifestRow
-
-SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
-
-
-@dataclass(frozen=True)
-class ImageFile:
-    """A file found by :func:`scan`; ``rel`` uses forward slashes, relative to the root."""
-
-    rel: str
-    path: Path
-    label: str | None
-    split: str | None
-    size: int
-    mtime_ns: int
-
-
-def scan(root: str | os.PathLike) -> list[ImageFile]:
-    """All image files under ``root`` (recursive, sorted; hidden files and folders skipped).
-
-    Labels follow ``image_dataset_from_directory``: the first sub-folder; a top level named
-    train/val/validation/test is the split and the next level is the label.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise TlEmbedError(f"{root} is not a folder of images")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and
-                             not (Path(dirpath, d) / MANIFEST).exists())  # skip stores inside
-        for name in sorted(filenames):
-            path = Path(dirpath, name)
-            if not is_image_file(path):
-                continue
-            rel = path.relative_to(root).as_posix()
-            label, split = label_and_split(rel)
-            st = path.stat()
-            found.append(ImageFile(rel, path, label, split, st.st_size, st.st_mtime_ns))
-    return found
-
-
-def label_and_split(rel: str) -> tuple[str | None, str | None]:
-    parts = rel.split("/")[:-1]
-    split = None
-    if parts and parts[0].lower() in SPLIT_NAMES:
-        split = SPLIT_NAMES[parts[0].lower()]
-        parts = parts[1:]
-    return (parts[0] if parts else None), split
 
 
 @dataclass
@@ -211,7 +165,7 @@ def _check_same_source(store: EmbeddingStore, root: Path, model: str, pooling: s
 _Result = tuple[ImageFile, "DecodedImage | ImageDecodeError"]
 
 
-def _decode_all(todo: list[ImageFile], size: int, workers: int, lookahead: int) -> Iterator[_Result]:
+def decode_in_order(todo: list[ImageFile], size: int, workers: int, lookahead: int) -> Iterator[_Result]:
     """Decode in a thread pool (Pillow releases the GIL), in order, at most ``lookahead`` ahead."""
 
     def work(f: ImageFile) -> _Result:
@@ -259,7 +213,7 @@ def _embed_files(todo: list[ImageFile], store: EmbeddingStore, run: Runtime, siz
     def batches() -> Iterator[tuple[list[ManifestRow], np.ndarray]]:
         pixels: list[np.ndarray] = []
         rows: list[ManifestRow] = []
-        for f, result in _decode_all(todo, size, workers, lookahead=2 * batch_size):
+        for f, result in decode_in_order(todo, size, workers, lookahead=2 * batch_size):
             if isinstance(result, ImageDecodeError):
                 failures.append(Failure(f.rel, result.reason, f.size, f.mtime_ns))
                 continue
@@ -285,52 +239,3 @@ def _embed_files(todo: list[ImageFile], store: EmbeddingStore, run: Runtime, siz
             bar.update(len(rows))
     finally:
         bar.close()
-
-
-@dataclass
-class EmbeddedPaths:
-    """Embeddings of ad-hoc images (not in a store), aligned with ``paths``."""
-
-    paths: list[Path]
-    vectors: np.ndarray
-    failed: list[tuple[Path, str]]
-
-
-def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
-    """Image files and folders (searched recursively) -> sorted image files."""
-    paths: list[Path] = []
-    for item in inputs:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            paths += [f.path for f in scan(p)]
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise TlEmbedError(f"{p} does not exist")
-    return paths
-
-
-def embed_paths(paths: list[Path], run: Runtime, size: int, batch_size: int = 32,
-                workers: int | None = None) -> EmbeddedPaths:
-    """Decode (in parallel) and embed image files; unreadable ones are returned in ``failed``."""
-    files = [ImageFile(str(p), Path(p), None, None, 0, 0) for p in paths]
-    ok: list[Path] = []
-    failed: list[tuple[Path, str]] = []
-
-    def batches() -> Iterator[tuple[None, np.ndarray]]:
-        batch: list[np.ndarray] = []
-        for f, result in _decode_all(files, size, workers or cpu_count(), 2 * batch_size):
-            if isinstance(result, ImageDecodeError):
-                failed.append((f.path, result.reason))
-                continue
-            ok.append(f.path)
-            batch.append(result.pixels)
-            if len(batch) == batch_size:
-                yield None, np.stack(batch)
-                batch = []
-        if batch:
-            yield None, np.stack(batch)
-
-    chunks = [vectors for _, vectors in stream(run, batches())]
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
-    return EmbeddedPaths(ok, vectors, failed)

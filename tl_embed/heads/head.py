@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .backbones import BackboneSpec
-from .errors import TlEmbedError
+from .. import __version__
+from ..embedding.backbones import BackboneSpec
+from ..errors import TlEmbedError
+from ..files import atomic_write
 
 HEADS = ("logreg", "svm", "knn")
 MODEL_FORMAT = "tl_embed.head/1"
@@ -118,7 +119,6 @@ class Head:
     def save(self, path: str | os.PathLike) -> None:
         import joblib
 
-        from .store import atomic_write
 
         payload = {"format": MODEL_FORMAT, **self.__dict__, "spec": self.spec.to_dict()}
         atomic_write(Path(path), lambda f: joblib.dump(payload, f, compress=3))

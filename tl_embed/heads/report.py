@@ -1,21 +1,19 @@
-"""Reports: metrics as text/markdown/JSON, a confusion-matrix PNG, HTML contact sheets.
+"""Reports of a head's quality: metrics as text/markdown/JSON and a confusion-matrix PNG.
 
 Pictures are drawn with Pillow (already a dependency) rather than pulling in a plotting library.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
-from .heads import Metrics
+from ..files import atomic_write
+from .head import Metrics
 
 
 def metrics_text(m: Metrics) -> str:
@@ -78,8 +76,6 @@ def confusion_png(m: Metrics, path: Path, cell: int = 44) -> None:
 
 def write_report(m: Metrics, prefix: Path, title: str, details: dict[str, Any]) -> list[Path]:
     """Write PREFIX.report.json, PREFIX.report.md and PREFIX.confusion.png; returns the paths."""
-    from .store import atomic_write
-
     json_p, md_p, png_p = (prefix.with_name(prefix.name + s)
                            for s in (".report.json", ".report.md", ".confusion.png"))
     payload = json.dumps({"title": title, **details, "metrics": m.to_dict()}, indent=2, default=str)
@@ -87,45 +83,3 @@ def write_report(m: Metrics, prefix: Path, title: str, details: dict[str, Any]) 
     atomic_write(md_p, lambda f: f.write(metrics_markdown(m, title, details).encode()))
     confusion_png(m, png_p)
     return [json_p, md_p, png_p]
-
-
-def thumbnail_uri(path: Path, size: int = 160) -> str:
-    """A small inline JPEG (data URI) so the HTML page works when moved or mailed."""
-    from .images import to_rgb
-
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (size, size))
-            thumb = to_rgb(ImageOps.exif_transpose(im))
-            thumb.thumbnail((size, size))
-    except (OSError, ValueError, SyntaxError):
-        return ""
-    buf = io.BytesIO()
-    thumb.save(buf, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def contact_sheet(results: list[tuple[Path, list[tuple[int, str, float]]]], out: Path,
-                  title: str, root: Path | None = None) -> None:
-    """HTML page: each query image followed by its neighbours (rank, path, score) as thumbnails."""
-    from .store import atomic_write
-
-    def tile(path: Path, caption: str) -> str:
-        src = thumbnail_uri(path)
-        img = f'<img src="{src}" alt="">' if src else '<div class="missing">no preview</div>'
-        return f'<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
-
-    rows = []
-    for query, hits in results:
-        tiles = [tile(query, f"query: {query.name}")]
-        for rank, p, score in hits:
-            full = (root / p) if root and not Path(p).is_absolute() else Path(p)
-            tiles.append(tile(full, f"#{rank} {score:.3f} {p}"))
-        rows.append(f'<section>{"".join(tiles)}</section>')
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:16px}}section{{display:flex;flex-wrap:wrap;gap:8px;
-margin-bottom:18px;border-bottom:1px solid #ddd;padding-bottom:12px}}figure{{margin:0;width:170px}}
-figure:first-child{{outline:3px solid #2a6}}img{{max-width:160px;max-height:160px;display:block}}
-figcaption{{font-size:11px;word-break:break-all}}.missing{{width:160px;height:100px;background:#eee}}</style>
-</head><body><h1>{html.escape(title)}</h1>{"".join(rows)}</body></html>"""
-    atomic_write(out, lambda f: f.write(page.encode()))

@@ -1,6 +1,6 @@
 """Store-level workflows around heads: choose the evaluation split, train, evaluate, predict.
 
-Embedding new images needs TensorFlow; everything that works from a store does not import it.
+Embedding new images goes through :mod:`tl_embed.embedding.query`; work from a store needs no model.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import BackboneSpec, check_compatible
-from .errors import TlEmbedError
-from .heads import Head, Metrics, evaluate_predictions, fit_head
-from .store import MANIFEST, EmbeddingStore
+from ..embedding.backbones import check_compatible
+from ..embedding.query import embed_for
+from ..embedding.store import MANIFEST, EmbeddingStore
+from ..errors import TlEmbedError
+from .head import Head, Metrics, evaluate_predictions, fit_head
 
 
 def is_store(path: str | os.PathLike) -> bool:
@@ -91,29 +92,13 @@ def store_features(head: Head, store_path: str | os.PathLike,
         return X, store.labels[keep], [str(store.absolute_path(p)) for p in store.paths[keep]]
 
 
-def embed_for(spec: BackboneSpec, inputs: list[str | os.PathLike], runtime: str = "auto",
-              batch_size: int = 32):
-    """Embed image files/folders with exactly the backbone ``spec`` describes (refusing others)."""
-    from .backbones import load_backbone
-    from .embed import embed_paths, expand_inputs
-    from .runtime import make_runtime
-
-    paths = expand_inputs(inputs)
-    if not paths:
-        raise TlEmbedError("no images found in " + ", ".join(map(str, inputs)))
-    model, weights = spec.loadable()
-    backbone = load_backbone(model, weights=weights, pooling=spec.pooling, layer=spec.layer)
-    check_compatible(spec, backbone.spec, "the model/index")
-    return embed_paths(paths, make_runtime(backbone, runtime), spec.input_size, batch_size)
-
-
 def evaluate_head(head: Head, target: str | os.PathLike, split: str | None = None,
                   runtime: str = "auto") -> Metrics:
     """Metrics of ``head`` on a labelled store or a labelled image folder."""
     if is_store(target):
         X, labels, _ = store_features(head, target, split)
     else:
-        from .embed import label_and_split
+        from ..embedding.scan import label_and_split
 
         emb = embed_for(head.spec, [target], runtime)
         root = Path(target)

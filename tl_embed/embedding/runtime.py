@@ -29,8 +29,8 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from ..errors import TlEmbedError
 from .backbones import LoadedBackbone, keras_cache_dir
-from .errors import TlEmbedError
 
 RUNTIMES = ("auto", "keras", "openvino")
 NOT_SHIPPED = {

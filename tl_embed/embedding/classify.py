@@ -6,10 +6,11 @@ import os
 
 import numpy as np
 
+from ..errors import TlEmbedError
 from .backbones import keras_downloads, load_backbone
-from .embed import embed_paths, expand_inputs
-from .errors import TlEmbedError
+from .query import embed_paths
 from .runtime import make_runtime
+from .scan import expand_inputs
 
 
 def classify(inputs: list[str | os.PathLike], model: str = "mobilenet_v2",

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import TlEmbedError, WeightsUnavailableError
+from ..errors import TlEmbedError, WeightsUnavailableError
 
 POOLINGS = ("avg", "max")
 CUSTOM_MODEL_SUFFIXES = (".keras", ".h5")

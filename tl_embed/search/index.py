@@ -1,4 +1,4 @@
-"""FAISS similarity search over a store: choose, build, update, search, dedup.
+"""FAISS similarity search over a store: choose, build, update, search.
 
 An index folder (``NAME.tli/``) holds ``index.faiss`` and ``meta.json`` (the store's backbone spec,
 the FAISS factory string, metric, search parameters, measured quality and the id -> path map).
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import BackboneSpec, check_compatible
-from .errors import TlEmbedError
-from .store import EmbeddingStore, atomic_write
+from ..embedding.backbones import BackboneSpec, check_compatible
+from ..embedding.store import EmbeddingStore
+from ..errors import TlEmbedError
+from ..files import atomic_write
 
 METRICS = ("cosine", "l2")
 TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
@@ -30,7 +31,7 @@ TARGET_RECALL = 0.95
 INDEX_FILE, META_FILE = "index.faiss", "meta.json"
 
 
-def _faiss():
+def load_faiss():
     import faiss
 
     return faiss
@@ -87,7 +88,7 @@ class Index:
         with EmbeddingStore.open(store_path) as store:
             if len(store) == 0:
                 raise TlEmbedError(f"store {store_path} is empty: nothing to index")
-            ids, vectors = store.ids.copy(), _prepare(store.embeddings, metric)
+            ids, vectors = store.ids.copy(), prepare_vectors(store.embeddings, metric)
             root = store.root
             paths = {int(i): str(store.absolute_path(p)) for i, p in zip(ids, store.paths, strict=True)}
             spec = store.spec
@@ -139,10 +140,10 @@ class Index:
         if not (path / META_FILE).is_file():
             raise TlEmbedError(f"{path} is not a tl_embed index; build one with `tl-embed index STORE --out {path}`")
         meta = json.loads((path / META_FILE).read_text())
-        return cls(path, _faiss().read_index(str(path / INDEX_FILE)), meta)
+        return cls(path, load_faiss().read_index(str(path / INDEX_FILE)), meta)
 
     def save(self) -> None:
-        faiss = _faiss()
+        faiss = load_faiss()
         self.path.mkdir(parents=True, exist_ok=True)
         blob = faiss.serialize_index(self.faiss_index)
         atomic_write(self.path / INDEX_FILE, lambda f: f.write(blob.tobytes()))
@@ -154,13 +155,13 @@ class Index:
 
     # ---------------------------------------------------------------- search
     def _apply_search_params(self) -> None:
-        faiss = _faiss()
+        faiss = load_faiss()
         for name, value in self.meta.get("search_params", {}).items():
             faiss.ParameterSpace().set_index_parameter(self.faiss_index, name, value)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[SearchHit]]:
         """Neighbours of already-embedded query vectors (same backbone as the index)."""
-        q = _prepare(np.atleast_2d(vectors), self.meta["metric"])
+        q = prepare_vectors(np.atleast_2d(vectors), self.meta["metric"])
         if q.shape[1] != self.spec.dim:
             raise TlEmbedError(f"query vectors have dimension {q.shape[1]}, the index {self.spec.dim}")
         scores, ids = self.faiss_index.search(q, min(k, len(self)))
@@ -180,7 +181,7 @@ class Index:
         labels = list(stored)
         vectors = [stored[q] for q in labels]
         if to_embed:
-            from .training import embed_for
+            from ..embedding.query import embed_for
 
             emb = embed_for(self.spec, to_embed, runtime)
             labels += [str(p) for p in emb.paths]
@@ -211,7 +212,7 @@ class Index:
         Recall is leave-one-out: each sampled vector queries the index and its own id is dropped
         from both the exact and the approximate answer, so it behaves like an unseen query.
         """
-        faiss = _faiss()
+        faiss = load_faiss()
         rng = np.random.default_rng(0)
         rows = rng.choice(len(vectors), min(n_queries, len(vectors)), replace=False)
         q = vectors[rows]
@@ -267,7 +268,7 @@ def _family(factory: str) -> str:
     return re.sub(r"\d+", "", factory)
 
 
-def _prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
+def prepare_vectors(vectors: np.ndarray, metric: str) -> np.ndarray:
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if metric == "cosine":
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -275,7 +276,7 @@ def _prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
 
 
 def _new_index(factory: str, dim: int, metric: str):
-    faiss = _faiss()
+    faiss = load_faiss()
     faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     try:
         index = faiss.index_factory(dim, factory, faiss_metric)
@@ -294,7 +295,7 @@ def _training_sample(vectors: np.ndarray, max_points: int = 100_000) -> np.ndarr
 
 
 def _exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int, metric: str) -> np.ndarray:
-    faiss = _faiss()
+    faiss = load_faiss()
     flat = faiss.IndexFlatIP(vectors.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(vectors.shape[1])
     flat.add(vectors)
     return flat.search(queries, k)[1]
@@ -313,44 +314,3 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     """recall@k: the share of the exact top-k ids that the index also returned."""
     hits = sum(len(set(f[f >= 0]) & set(t)) for f, t in zip(found, truth, strict=True))
     return hits / truth.size
-
-
-# --------------------------------------------------------------------- dedup
-def find_duplicates(store_path: str | os.PathLike, threshold: float = 0.95,
-                    batch: int = 4096) -> list[list[tuple[str, float]]]:
-    """Groups of near-duplicate images (cosine >= threshold), largest first.
-
-    Exact range search on L2-normalised vectors, batched; groups are connected components.
-    Each member carries its highest similarity to another member.
-    """
-    faiss = _faiss()
-    if not 0 < threshold <= 1:
-        raise TlEmbedError("--threshold is a cosine similarity in (0, 1]")
-    with EmbeddingStore.open(store_path) as store:
-        x = _prepare(store.embeddings, "cosine")
-        paths = [str(store.absolute_path(p)) for p in store.paths]
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    parent = np.arange(len(x))
-    best = np.zeros(len(x), np.float32)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for start in range(0, len(x), batch):
-        lims, sims, nbrs = index.range_search(x[start:start + batch], threshold - 1e-6)
-        for qi in range(len(lims) - 1):
-            i = start + qi
-            for s, j in zip(sims[lims[qi]:lims[qi + 1]], nbrs[lims[qi]:lims[qi + 1]], strict=True):
-                if j != i:
-                    parent[find(i)] = find(int(j))
-                    best[i] = max(best[i], s)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(x)):
-        groups.setdefault(find(i), []).append(i)
-    multi = [g for g in groups.values() if len(g) > 1]
-    multi.sort(key=lambda g: (-len(g), paths[g[0]]))
-    return [[(paths[i], float(best[i])) for i in g] for g in multi]

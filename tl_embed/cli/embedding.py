@@ -1,0 +1,114 @@
+"""Commands of the embedding stage: models, embed, info, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .options import add_backbone_options, add_command, add_runtime_option
+
+
+# ---------------------------------------------------------------- models
+def register_models(sub) -> None:
+    p = add_command(sub, "models", "list the available backbones")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args) -> None:
+    from ..embedding.backbones import BACKBONES
+
+    if args.format == "json":
+        print(json.dumps([{"name": b.name, "keras": b.keras_name, "input_size": b.input_size,
+                           "dim": b.dim, "note": b.note} for b in BACKBONES.values()], indent=2))
+        return
+    print(f"{'model':<22}{'input':>7}{'dim':>6}  note")
+    for b in BACKBONES.values():
+        print(f"{b.name:<22}{b.input_size:>5}px{b.dim:>6}  {b.note}")
+    print("\nAny saved Keras model (.keras/.h5) works too: --model my_model.keras [--layer NAME]")
+
+
+# ----------------------------------------------------------------- embed
+def register_embed(sub) -> None:
+    p = add_command(sub, "embed", "embed a folder of images into a store (resumable, incremental)",
+             "Embed every image under IMAGES into the store OUT. Re-running only embeds new or "
+             "changed files and removes deleted ones; an interrupted run continues where it stopped. "
+             "Labels come from the first sub-folder; a top-level train/val/test folder is the split.")
+    p.add_argument("images", help="folder of images (searched recursively)")
+    p.add_argument("--out", "-o", required=True, help="store folder to create or update (e.g. photos.tle)")
+    add_backbone_options(p)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="storage precision of a new store")
+    p.add_argument("--batch-size", type=int, default=64, help="images per inference batch and commit")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU cores)")
+    add_runtime_option(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_embed)
+
+
+def cmd_embed(args) -> int:
+    from ..embedding.embed import embed_folder
+
+    report = embed_folder(args.images, args.out, model=args.model, weights=args.weights,
+                          pooling=args.pooling, layer=args.layer, preprocess=args.preprocess,
+                          dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
+                          runtime=args.runtime, progress=not args.quiet)
+    print(report.text())
+    return 130 if report.interrupted else 0
+
+
+# ------------------------------------------------------------------ info
+def register_info(sub) -> None:
+    p = add_command(sub, "info", "show what made a store, its counts and its failed images")
+    p.add_argument("store")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> None:
+    from ..embedding.store import EmbeddingStore
+
+    with EmbeddingStore.open(args.store) as s:
+        summary = s.summary()
+        failures = s.failures
+        if args.format == "json":
+            print(json.dumps({**summary, "backbone": s.spec.to_dict(), "root": str(s.root),
+                              "created": s.meta.get("created"),
+                              "tl_embed_version": s.meta.get("tl_embed_version"),
+                              "failures": [f.__dict__ for f in failures]}, indent=2))
+            return
+        print(f"store      {s.path}")
+        print(f"backbone   {s.spec.describe()}")
+        print(f"           preprocessing {s.spec.preprocessing}; weights sha256 {s.spec.weights_sha256}")
+        print(f"images     {s.root}")
+        print(f"made       {s.meta.get('created')} by tl_embed {s.meta.get('tl_embed_version')}")
+        print(f"embedded   {summary['images']} ({summary['dtype']}, {summary['bytes'] / 1e6:.1f} MB "
+              f"in {summary['shards']} shard(s))")
+        print("labels     " + _counts(summary["labels"]))
+        print("splits     " + _counts(summary["splits"]))
+        print(f"failed     {len(failures)}")
+        for f in failures:
+            print(f"  {f.path}: {f.reason}")
+
+
+def _counts(d: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "-"
+
+
+# ---------------------------------------------------------------- export
+def register_export(sub) -> None:
+    p = add_command(sub, "export", "export a store's embeddings to .npy and its manifest to .csv")
+    p.add_argument("store")
+    p.add_argument("--out", "-o", required=True,
+                   help="output prefix: writes PREFIX.npy (N x D) and PREFIX.csv (row, path, label, ...)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> None:
+    from ..embedding.store import EmbeddingStore
+
+    prefix = Path(args.out)
+    npy, csv_ = prefix.with_suffix(".npy"), prefix.with_suffix(".csv")
+    with EmbeddingStore.open(args.store) as s:
+        s.export(npy, csv_)
+        print(f"wrote {npy} ({len(s)} x {s.dim} {s.dtype}) and {csv_}")

@@ -1,0 +1,164 @@
+"""Commands around classifier heads: train, predict, evaluate, and plain ImageNet classify."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .options import add_command, add_runtime_option
+
+
+# ----------------------------------------------------------------- train
+def register_train(sub) -> None:
+    from ..heads.head import HEADS
+
+    p = add_command(sub, "train", "train a classifier head on a store's labelled embeddings",
+             "Train a scikit-learn head on the store's labelled rows and report on a held-out part: "
+             "the store's own test (or val) split when it has one, else a stratified --test-size "
+             "hold-out. Writes the model file plus OUT.report.json/.md and OUT.confusion.png. "
+             "Model files are pickles: only load files you trust.")
+    p.add_argument("store")
+    p.add_argument("--out", "-o", required=True, help="model file to write (e.g. pets.tlh)")
+    p.add_argument("--head", default="logreg", choices=HEADS,
+                   help="logreg: multinomial logistic regression; svm: linear SVM with calibrated "
+                        "probabilities; knn: cosine k-NN")
+    p.add_argument("--class-weight", choices=["balanced"], default=None,
+                   help="re-weight classes inversely to their frequency")
+    p.add_argument("--test-size", type=float, default=0.2,
+                   help="held-out fraction when the store has no test/val split")
+    p.add_argument("--cv", type=int, default=3, help="cross-validation folds for hyper-parameters")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> None:
+    from ..heads.report import metrics_text, write_report
+    from ..heads.training import train_from_store
+
+    res = train_from_store(args.store, args.head, args.class_weight, args.test_size, args.seed, args.cv)
+    out = Path(args.out)
+    res.head.save(out)
+    cv = f", CV accuracy {res.info['cv_accuracy']:.2%}" if "cv_accuracy" in res.info else ""
+    params = ", ".join(f"{k}={v}" for k, v in res.head.params.items()) or "defaults"
+    details = {"head": args.head, "hyper-parameters": params, "backbone": res.head.spec.describe(),
+               "store": args.store, "trained on": f"{res.n_train} images",
+               "evaluated on": res.split, "training time": f"{res.info['train_seconds']:.2f} s"}
+    reports = write_report(res.metrics, out, f"tl-embed {args.head} head: {out.name}", details)
+    print(f"head {args.head}: {params} (chosen by {res.info.get('cv_folds', 0)}-fold stratified CV{cv})")
+    print(f"trained on {res.n_train} images in {res.info['train_seconds']:.2f} s; "
+          f"evaluated on {res.split}:\n")
+    print(metrics_text(res.metrics))
+    print(f"\nwrote {out}, " + ", ".join(str(r) for r in reports))
+
+
+# ------------------------------------------------------- predict/evaluate
+def register_predict(sub) -> None:
+    p = add_command(sub, "predict", "label new images (or a store) with a trained head",
+             "Embed the inputs with the backbone recorded in the model file and print the top-k "
+             "labels with probabilities. Inputs are images, folders, or a store (.tle).")
+    p.add_argument("model", help="model file from `tl-embed train`")
+    p.add_argument("inputs", nargs="+", help="images, folders of images, or a store")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--min-confidence", type=float, default=0.0,
+                   help="below this top probability the answer is 'unknown'")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    add_runtime_option(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args) -> None:
+    from ..embedding.query import embed_for
+    from ..heads.head import Head
+    from ..heads.training import is_store, store_features
+
+    head = Head.load(args.model)
+    if len(args.inputs) == 1 and is_store(args.inputs[0]):
+        X, _, paths = store_features(head, args.inputs[0])
+        failed = []
+    else:
+        emb = embed_for(head.spec, args.inputs, args.runtime)
+        X, paths, failed = emb.vectors, [str(p) for p in emb.paths], emb.failed
+    k = max(1, min(args.top_k, len(head.classes)))
+    proba = head.predict_proba(X) if len(paths) else np.zeros((0, len(head.classes)))
+    top = np.argsort(-proba, axis=1)[:, :k]
+    rows = []
+    for i, path in enumerate(paths):
+        preds = [(head.classes[j], float(proba[i, j])) for j in top[i]]
+        label = preds[0][0] if preds[0][1] >= args.min_confidence else "unknown"
+        rows.append({"path": path, "label": label, "confidence": preds[0][1],
+                     "top": [{"label": c, "probability": round(p, 4)} for c, p in preds]})
+    _print_rows(rows, args.format, k)
+    for path, reason in failed:
+        print(f"tl-embed: skipped {path}: {reason}", file=sys.stderr)
+
+
+def _print_rows(rows: list[dict], fmt: str, k: int) -> None:
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(["path", "label", "confidence"] + [f"{s}{i}" for i in range(1, k + 1)
+                                                      for s in ("top", "p")])
+        for r in rows:
+            w.writerow([r["path"], r["label"], f"{r['confidence']:.4f}"] +
+                       [v for t in r["top"] for v in (t["label"], t["probability"])])
+    else:
+        width = min(60, max([len(r["path"]) for r in rows] + [4]))
+        for r in rows:
+            tops = "  ".join(f"{t['label']} {t['probability']:.2f}" for t in r["top"])
+            print(f"{r['path'][-width:]:<{width}}  {r['label']:<14} {tops}")
+
+
+def register_evaluate(sub) -> None:
+    p = add_command(sub, "evaluate", "report a head's accuracy on other labelled data (store or folder)")
+    p.add_argument("model")
+    p.add_argument("data", help="labelled store (.tle) or image folder (labels = sub-folders)")
+    p.add_argument("--split", default=None, help="only this split of a store (train/val/test)")
+    p.add_argument("--out", default=None,
+                   help="also write OUT.report.json/.md and OUT.confusion.png")
+    add_runtime_option(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> None:
+    from ..heads.head import Head
+    from ..heads.report import metrics_text, write_report
+    from ..heads.training import evaluate_head
+
+    head = Head.load(args.model)
+    m = evaluate_head(head, args.data, args.split, args.runtime)
+    print(f"{Path(args.model).name} on {args.data}:\n")
+    print(metrics_text(m))
+    if args.out:
+        paths = write_report(m, Path(args.out), f"evaluation of {Path(args.model).name}",
+                             {"data": args.data, "backbone": head.spec.describe()})
+        print("\nwrote " + ", ".join(map(str, paths)))
+
+
+# -------------------------------------------------------------- classify
+def register_classify(sub) -> None:
+    p = add_command(sub, "classify", "ImageNet classification with a full pretrained model",
+             "Run the complete ImageNet model (include_top=True) and print decode_predictions "
+             "labels. Offline, the top-included weights must already be in the Keras cache.")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", default="mobilenet_v2")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_classify)
+
+
+def cmd_classify(args) -> None:
+    from ..embedding.classify import classify
+
+    results = classify(args.images, args.model, args.top_k)
+    if args.format == "json":
+        print(json.dumps([{"path": str(p), "top": [{"label": n, "probability": round(s, 4)}
+                                                   for n, s in preds]} for p, preds in results], indent=2))
+        return
+    for path, preds in results:
+        print(f"{path}: " + ", ".join(f"{n} {s:.2f}" for n, s in preds))

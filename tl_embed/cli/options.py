@@ -1,0 +1,43 @@
+"""Argument-parser pieces shared by every command, so one option means one thing everywhere."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import TlEmbedError
+
+
+def formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
+
+
+def add_command(sub, name: str, help_: str, description: str | None = None) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_, description=description or help_,
+                          formatter_class=formatter)
+
+
+def add_backbone_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mobilenet_v2",
+                   help="backbone name (`tl-embed models`) or a saved Keras model file (.keras/.h5)")
+    p.add_argument("--weights", default="imagenet",
+                   help="'imagenet' (from the Keras cache, $KERAS_HOME/models), 'none' (random), "
+                        "or a weights file")
+    p.add_argument("--pooling", default="avg", choices=["avg", "max"], help="global pooling")
+    p.add_argument("--layer", default=None, help="custom model only: layer to cut the features at")
+    p.add_argument("--preprocess", default=None,
+                   help="custom model only: use this backbone's preprocess_input (default: none)")
+
+
+def _runtime_name(value: str) -> str:
+    from ..embedding.runtime import check_runtime
+
+    try:
+        return check_runtime(value)
+    except TlEmbedError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_runtime_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", default="auto", type=_runtime_name,
+                   help="how the backbone runs: 'openvino' (fast fp32, converted once and cached), "
+                        "'keras' (the reference), or 'auto' (openvino, falling back to keras with a notice)")

@@ -1,0 +1,140 @@
+"""Commands around similarity search: index, search, dedup."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import TlEmbedError
+from .options import add_command, add_runtime_option
+
+
+# ----------------------------------------------------------------- index
+def register_index(sub) -> None:
+    from ..search.index import METRICS
+
+    p = add_command(sub, "index", "build or update a FAISS similarity index over a store",
+             "Build a FAISS index over the store's embeddings (or bring an existing one up to date: "
+             "new vectors are added and removed ones removed, without a rebuild where the type "
+             "allows). Prints recall@10 against exact search, memory and query latency.")
+    p.add_argument("store")
+    p.add_argument("--out", "-o", required=True, help="index folder to write (e.g. photos.tli)")
+    p.add_argument("--type", default="auto",
+                   help="auto | flat | hnsw | ivf | ivfpq | a FAISS factory string such as 'IVF1024,PQ64'")
+    p.add_argument("--metric", default="cosine", choices=METRICS)
+    p.add_argument("--max-memory", default=None,
+                   help="memory budget for the index, e.g. 2GB or 500MB (auto picks IVF-PQ above it)")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="approximate indexes: smallest nprobe/efSearch reaching this recall@10")
+    p.set_defaults(func=cmd_index)
+
+
+def _bytes(text: str | None) -> float | None:
+    if text is None:
+        return None
+    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "B": 1}
+    t = text.strip().upper()
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            try:
+                return float(t[: -len(unit)]) * mult
+            except ValueError:
+                break
+    raise TlEmbedError(f"--max-memory must look like 500MB or 2GB, not {text!r}")
+
+
+def cmd_index(args) -> None:
+    from ..search.index import Index
+
+    idx = Index.build(args.store, args.out, args.type, args.metric, _bytes(args.max_memory),
+                      args.target_recall)
+    print(idx.describe())
+
+
+def register_search(sub) -> None:
+    p = add_command(sub, "search", "find the images most similar to query images",
+             "Embed the queries with the index's own backbone (images already in the store reuse "
+             "their stored embedding) and list the nearest neighbours.")
+    p.add_argument("index", help="index folder from `tl-embed index`")
+    p.add_argument("queries", nargs="+", help="query images or folders (or paths of stored images)")
+    p.add_argument("-k", type=int, default=10, help="neighbours per query")
+    p.add_argument("--limit", type=int, default=None,
+                   help="query at most this many of the given images, evenly spread (a sample)")
+    p.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
+    p.add_argument("--out", default="search.html", help="with --format html: the page to write")
+    add_runtime_option(p)
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args) -> None:
+    from ..embedding.scan import expand_inputs
+    from ..search.index import Index
+
+    idx = Index.open(args.index)
+    queries = expand_inputs(args.queries) if any(Path(q).is_dir() for q in args.queries) else args.queries
+    if args.limit and len(queries) > args.limit:
+        queries = [queries[round(i)] for i in np.linspace(0, len(queries) - 1, args.limit)]
+    results = idx.search(queries, args.k, args.runtime)
+    score = "similarity" if idx.meta["metric"] == "cosine" else "distance"
+    if args.format == "html":
+        from ..search.sheet import contact_sheet
+
+        contact_sheet([(Path(q), [(h.rank, h.path, h.score) for h in hits]) for q, hits in results],
+                      Path(args.out), f"tl-embed search: {Path(args.index).name}")
+        print(f"wrote {args.out} ({len(results)} queries, open it in a browser)")
+    elif args.format == "json":
+        print(json.dumps([{"query": q, "neighbours": [{"rank": h.rank, "path": h.path, score: h.score}
+                                                       for h in hits]} for q, hits in results], indent=2))
+    elif args.format == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(["query", "rank", "path", score])
+        for q, hits in results:
+            w.writerows([q, h.rank, h.path, f"{h.score:.5f}"] for h in hits)
+    else:
+        for q, hits in results:
+            print(f"query {q}")
+            for h in hits:
+                print(f"  {h.rank:>3}  {h.score:.4f}  {h.path}")
+
+
+def register_dedup(sub) -> None:
+    p = add_command(sub, "dedup", "report groups of near-duplicate images in a store")
+    p.add_argument("store")
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity for duplicates")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--out", default=None, help="write the report to this file instead of printing it")
+    p.set_defaults(func=cmd_dedup)
+
+
+def cmd_dedup(args) -> None:
+    from ..search.dedup import find_duplicates
+
+    groups = find_duplicates(args.store, args.threshold)
+    buf = io.StringIO()
+    if args.format == "json":
+        buf.write(json.dumps([[{"path": p, "similarity": round(s, 4)} for p, s in g] for g in groups], indent=2))
+    elif args.format == "csv":
+        import csv
+
+        w = csv.writer(buf)
+        w.writerow(["group", "size", "path", "similarity"])
+        for n, g in enumerate(groups, 1):
+            w.writerows([n, len(g), p, f"{s:.4f}"] for p, s in g)
+    else:
+        total = sum(len(g) for g in groups)
+        buf.write(f"{len(groups)} group(s) of near-duplicates (cosine >= {args.threshold}), {total} images\n")
+        for n, g in enumerate(groups, 1):
+            buf.write(f"group {n} ({len(g)} images)\n" + "".join(f"  {s:.4f}  {p}\n" for p, s in g))
+    if args.out:
+        from ..files import atomic_write
+
+        atomic_write(Path(args.out), lambda f: f.write(buf.getvalue().encode()))
+        print(f"{len(groups)} group(s) of near-duplicates (cosine >= {args.threshold}); wrote {args.out}")
+    else:
+        print(buf.getvalue().rstrip("\n"))

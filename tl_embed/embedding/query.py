@@ -1,0 +1,64 @@
+"""Embed ad-hoc images (queries, images to label) with exactly the backbone a store, head or index records."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import TlEmbedError
+from .backbones import BackboneSpec, check_compatible, load_backbone
+from .embed import decode_in_order
+from .images import ImageDecodeError
+from .runtime import Runtime, cpu_count, make_runtime, stream
+from .scan import ImageFile, expand_inputs
+
+
+@dataclass
+class EmbeddedPaths:
+    """Embeddings of ad-hoc images (not in a store), aligned with ``paths``."""
+
+    paths: list[Path]
+    vectors: np.ndarray
+    failed: list[tuple[Path, str]]
+
+
+def embed_paths(paths: list[Path], run: Runtime, size: int, batch_size: int = 32,
+                workers: int | None = None) -> EmbeddedPaths:
+    """Decode (in parallel) and embed image files; unreadable ones are returned in ``failed``."""
+    files = [ImageFile(str(p), Path(p), None, None, 0, 0) for p in paths]
+    ok: list[Path] = []
+    failed: list[tuple[Path, str]] = []
+
+    def batches() -> Iterator[tuple[None, np.ndarray]]:
+        batch: list[np.ndarray] = []
+        for f, result in decode_in_order(files, size, workers or cpu_count(), 2 * batch_size):
+            if isinstance(result, ImageDecodeError):
+                failed.append((f.path, result.reason))
+                continue
+            ok.append(f.path)
+            batch.append(result.pixels)
+            if len(batch) == batch_size:
+                yield None, np.stack(batch)
+                batch = []
+        if batch:
+            yield None, np.stack(batch)
+
+    chunks = [vectors for _, vectors in stream(run, batches())]
+    vectors = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+    return EmbeddedPaths(ok, vectors, failed)
+
+
+def embed_for(spec: BackboneSpec, inputs: list[str | os.PathLike], runtime: str = "auto",
+              batch_size: int = 32):
+    """Embed image files/folders with exactly the backbone ``spec`` describes (refusing others)."""
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise TlEmbedError("no images found in " + ", ".join(map(str, inputs)))
+    model, weights = spec.loadable()
+    backbone = load_backbone(model, weights=weights, pooling=spec.pooling, layer=spec.layer)
+    check_compatible(spec, backbone.spec, "the model/index")
+    return embed_paths(paths, make_runtime(backbone, runtime), spec.input_size, batch_size)

@@ -1,0 +1,1 @@
+"""Classifier heads on stored embeddings: fit, evaluate, report, model files."""

@@ -1,0 +1,1 @@
+"""Similarity search on stored embeddings: FAISS indexes, near-duplicates, contact sheets."""
