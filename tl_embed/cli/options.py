@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import TlEmbedError
 
@@ -41,3 +42,33 @@ def add_runtime_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", default="auto", type=_runtime_name,
                    help="how the backbone runs: 'openvino' (fast fp32, converted once and cached), "
                         "'keras' (the reference), or 'auto' (openvino, falling back to keras with a notice)")
+
+
+def out_path(value: str) -> str:
+    """``--out``: the thing a command writes; its folder must exist (we never guess a typo'd tree)."""
+    parent = Path(value).expanduser().absolute().parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {parent} does not exist; create it first or choose another --out")
+    return value
+
+
+def positive_int(value: str) -> int:
+    """An integer of at least 1 (counts, sizes, -k)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def fraction(value: str) -> float:
+    """A number in [0, 1] (probabilities, thresholds, recall)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, not {value!r}") from None
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value}")
+    return x

@@ -16,10 +16,12 @@ one memory-mapped N x D array.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +116,8 @@ class EmbeddingStore:
             conn.executescript(_SCHEMA)
             meta = {"format_version": FORMAT_VERSION, "spec": json.dumps(spec.to_dict()),
                     "dtype": dtype, "root": str(Path(root).resolve()) if root else "",
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tl_embed_version": __version__}
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tl_embed_version": __version__,
+                    "uid": uuid.uuid4().hex}
             conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in meta.items()])
         return cls(path, conn, lock_fd)
 
@@ -145,6 +148,13 @@ class EmbeddingStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def uid(self) -> str:
+        """Identity of this store, fixed at creation: indexes record it to refuse another store's data."""
+        if "uid" in self.meta:
+            return self.meta["uid"]
+        return hashlib.sha256(f"{self.meta.get('root')}|{self.meta.get('created')}".encode()).hexdigest()[:32]
 
     # ------------------------------------------------------------- read side
     def _load(self) -> None:
