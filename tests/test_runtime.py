@@ -105,3 +105,66 @@ def test_embed_folder_with_each_runtime_gives_the_same_store(tmp_path, tiny_mode
             stores[name] = (list(s.paths), np.array(s.embeddings))
     assert stores["keras"][0] == stores["openvino"][0]
     assert min_cosine(stores["keras"][1], stores["openvino"][1]) >= 0.9999
+
+
+def test_concurrent_streams_on_one_runtime_never_swap_results(tiny_backbone):
+    """A service streams from several threads through one runtime: each caller gets its own vectors."""
+    import threading
+
+    run = rt.make_runtime(tiny_backbone, "openvino")
+    inputs = {t: [pixels(n, seed=100 * t + i) for i, n in enumerate([3, 1, 4, 2, 5, 3])] for t in range(4)}
+    expected = {t: [run(x) for x in xs] for t, xs in inputs.items()}
+    got: dict[int, list[np.ndarray]] = {}
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for _ in range(5):
+                got[t] = [v for _, v in run.stream((None, x) for x in inputs[t])]
+                for v, e in zip(got[t], expected[t], strict=True):
+                    np.testing.assert_allclose(v, e, rtol=1e-5, atol=1e-5)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in inputs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors, errors[0]
+    assert sorted(got) == sorted(inputs)
+
+
+def test_abandoned_stream_leaves_no_results_behind(tiny_backbone):
+    run = rt.make_runtime(tiny_backbone, "openvino")
+    it = run.stream((None, pixels(4, seed=i)) for i in range(6))
+    next(it)
+    it.close()  # the caller stops early (an exception, a client that went away)
+    assert run._outputs == {}
+    np.testing.assert_allclose(run(pixels(2, seed=9)), rt.KerasRuntime(tiny_backbone)(pixels(2, seed=9)),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"cpu.max": "200000 100000\n"}, 2.0),
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_cgroup_cpu_quota(tmp_path, monkeypatch, files, expected):
+    monkeypatch.setattr(rt, "_own_cgroups", lambda: [""])
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert rt.cgroup_cpu_quota(tmp_path) == expected
+
+
+def test_cpu_count_is_capped_by_the_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(rt, "_own_cgroups", lambda: [""])
+    monkeypatch.setattr(rt.os, "sched_getaffinity", lambda _: set(range(64)))
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert rt.cpu_count(tmp_path) == 2  # 1.5 CPUs of quota: two threads keep it busy
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert rt.cpu_count(tmp_path) == 64

@@ -11,3 +11,21 @@ class WeightsUnavailableError(TlEmbedError):
 
 class StoreError(TlEmbedError):
     """The embedding store is missing, locked, corrupt or incompatible."""
+
+
+class StoreDamagedError(StoreError):
+    """A store whose files do not agree with its manifest (or cannot be read at all).
+
+    ``repairable`` damage (a missing or unreadable shard) is mended by the next ``embed`` run, which
+    forgets the affected rows and embeds those images again; anything else needs a new store.
+    """
+
+    def __init__(self, path, what: str, repairable: bool = False):
+        self.repairable = repairable
+        hint = ("run `tl-embed embed IMAGES --out {p}` again to re-embed the affected images" if repairable
+                else "embed the images into a new --out (this folder is left as it is)")
+        super().__init__(f"store {path} is damaged: {what}; {hint.format(p=path)}")
+
+
+class StoreReadOnlyError(StoreError):
+    """The store lies on read-only media or in a folder we may not write: it can be read, not changed."""

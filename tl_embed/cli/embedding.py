@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .options import add_backbone_options, add_command, add_runtime_option
+from .options import add_backbone_options, add_command, add_runtime_option, out_path, positive_int
 
 
 # ---------------------------------------------------------------- models
@@ -35,12 +35,13 @@ def register_embed(sub) -> None:
              "changed files and removes deleted ones; an interrupted run continues where it stopped. "
              "Labels come from the first sub-folder; a top-level train/val/test folder is the split.")
     p.add_argument("images", help="folder of images (searched recursively)")
-    p.add_argument("--out", "-o", required=True, help="store folder to create or update (e.g. photos.tle)")
+    p.add_argument("--out", "-o", required=True, type=out_path,
+                   help="store folder to create or update (e.g. photos.tle)")
     add_backbone_options(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                    help="storage precision of a new store")
-    p.add_argument("--batch-size", type=int, default=64, help="images per inference batch and commit")
-    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU cores)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per inference batch and commit")
+    p.add_argument("--workers", type=positive_int, default=None, help="decoding threads (default: CPU cores)")
     add_runtime_option(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_embed)
@@ -99,7 +100,7 @@ def _counts(d: dict[str, int]) -> str:
 def register_export(sub) -> None:
     p = add_command(sub, "export", "export a store's embeddings to .npy and its manifest to .csv")
     p.add_argument("store")
-    p.add_argument("--out", "-o", required=True,
+    p.add_argument("--out", "-o", required=True, type=out_path,
                    help="output prefix: writes PREFIX.npy (N x D) and PREFIX.csv (row, path, label, ...)")
     p.set_defaults(func=cmd_export)
 
@@ -107,8 +108,16 @@ def register_export(sub) -> None:
 def cmd_export(args) -> None:
     from ..embedding.store import EmbeddingStore
 
-    prefix = Path(args.out)
-    npy, csv_ = prefix.with_suffix(".npy"), prefix.with_suffix(".csv")
+    npy, csv_ = export_paths(args.out)
     with EmbeddingStore.open(args.store) as s:
         s.export(npy, csv_)
         print(f"wrote {npy} ({len(s)} x {s.dim} {s.dtype}) and {csv_}")
+
+
+def export_paths(out: str) -> tuple[Path, Path]:
+    """PREFIX -> (PREFIX.npy, PREFIX.csv); the prefix keeps its own dots (``runs/emb.v2``), and a
+    prefix given with ``.npy`` or ``.csv`` already is not doubled."""
+    prefix = Path(out)
+    if prefix.suffix.lower() in (".npy", ".csv"):
+        prefix = prefix.with_suffix("")
+    return prefix.with_name(prefix.name + ".npy"), prefix.with_name(prefix.name + ".csv")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .options import add_command, add_runtime_option
+from .options import add_command, add_runtime_option, fraction, out_path, positive_int
 
 
 # ----------------------------------------------------------------- train
@@ -21,7 +21,7 @@ def register_train(sub) -> None:
              "hold-out. Writes the model file plus OUT.report.json/.md and OUT.confusion.png. "
              "Model files are pickles: only load files you trust.")
     p.add_argument("store")
-    p.add_argument("--out", "-o", required=True, help="model file to write (e.g. pets.tlh)")
+    p.add_argument("--out", "-o", required=True, type=out_path, help="model file to write (e.g. pets.tlh)")
     p.add_argument("--head", default="logreg", choices=HEADS,
                    help="logreg: multinomial logistic regression; svm: linear SVM with calibrated "
                         "probabilities; knn: cosine k-NN")
@@ -29,7 +29,7 @@ def register_train(sub) -> None:
                    help="re-weight classes inversely to their frequency")
     p.add_argument("--test-size", type=float, default=0.2,
                    help="held-out fraction when the store has no test/val split")
-    p.add_argument("--cv", type=int, default=3, help="cross-validation folds for hyper-parameters")
+    p.add_argument("--cv", type=positive_int, default=3, help="cross-validation folds for hyper-parameters")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
@@ -61,8 +61,8 @@ def register_predict(sub) -> None:
              "labels with probabilities. Inputs are images, folders, or a store (.tle).")
     p.add_argument("model", help="model file from `tl-embed train`")
     p.add_argument("inputs", nargs="+", help="images, folders of images, or a store")
-    p.add_argument("--top-k", type=int, default=1)
-    p.add_argument("--min-confidence", type=float, default=0.0,
+    p.add_argument("--top-k", type=positive_int, default=1)
+    p.add_argument("--min-confidence", type=fraction, default=0.0,
                    help="below this top probability the answer is 'unknown'")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     add_runtime_option(p)
@@ -119,7 +119,7 @@ def register_evaluate(sub) -> None:
     p.add_argument("model")
     p.add_argument("data", help="labelled store (.tle) or image folder (labels = sub-folders)")
     p.add_argument("--split", default=None, help="only this split of a store (train/val/test)")
-    p.add_argument("--out", default=None,
+    p.add_argument("--out", default=None, type=out_path,
                    help="also write OUT.report.json/.md and OUT.confusion.png")
     add_runtime_option(p)
     p.set_defaults(func=cmd_evaluate)
@@ -147,7 +147,7 @@ def register_classify(sub) -> None:
              "labels. Offline, the top-included weights must already be in the Keras cache.")
     p.add_argument("images", nargs="+")
     p.add_argument("--model", default="mobilenet_v2")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=positive_int, default=3)
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_classify)
 

@@ -31,13 +31,17 @@ import json
 import os
 import re
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomllib
-
 from ..errors import TlEmbedError, WeightsUnavailableError
 from .options import add_command
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, published as tomli
+    import tomli as tomllib
 
 STAMP_FILE = ".tl-embed-pipeline.json"
 STEP_KEYS = {"name": str, "run": str, "args": list, "inputs": list, "outputs": list, "options": dict}

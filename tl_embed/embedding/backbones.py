@@ -168,6 +168,17 @@ def is_custom_model(model: str) -> bool:
     return model.lower().endswith(CUSTOM_MODEL_SUFFIXES)
 
 
+def check_model_options(model: str, layer: str | None, preprocess: str | None) -> None:
+    """Refuse options that would be silently ignored: built-in backbones have a fixed cut and preprocessing."""
+    if is_custom_model(model):
+        return
+    get_backbone(model)  # an unknown name fails here, before any work
+    given = [f"--{name} {value}" for name, value in (("layer", layer), ("preprocess", preprocess)) if value]
+    if given:
+        raise TlEmbedError(f"{' and '.join(given)} only apply to a custom model file (--model my_model.keras); "
+                           f"{model} is built in, with its own pooled output and preprocessing")
+
+
 def get_backbone(name: str) -> Backbone:
     key = name.lower().replace("-", "_")
     if key not in BACKBONES:
@@ -196,6 +207,7 @@ def load_backbone(model: str, weights: str = "imagenet", pooling: str = "avg",
     """
     if pooling not in POOLINGS:
         raise TlEmbedError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+    check_model_options(model, layer, preprocess)
     if is_custom_model(model):
         return _load_custom(model, layer, pooling, preprocess)
     return _load_application(get_backbone(model), weights, pooling, include_top)

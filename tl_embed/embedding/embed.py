@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import StoreError, TlEmbedError
+from ..errors import StoreDamagedError, StoreError, StoreReadOnlyError, TlEmbedError
 from .backbones import (
     BackboneSpec,
     LoadedBackbone,
     check_compatible,
-    get_backbone,
-    is_custom_model,
+    check_model_options,
     load_backbone,
 )
 from .images import DecodedImage, ImageDecodeError, load_image
@@ -74,6 +73,7 @@ class EmbedReport:
     total: int = 0
     interrupted: bool = False
     runtime: str | None = None  # which runtime ran the model, when one was needed
+    repaired: int = 0  # rows forgotten because their shard was lost (embedded again in this run)
 
     def text(self) -> str:
         rate = (f" ({self.embedded / self.embed_seconds:.1f} images/s with the {self.runtime} runtime)"
@@ -82,6 +82,8 @@ class EmbedReport:
         if self.removed:
             parts.append(f"{self.removed} removed (deleted from the folder)")
         parts.append(f"{len(self.failed)} failed")
+        if self.repaired:
+            parts.append(f"{self.repaired} lost to a damaged shard (forgotten, so embedded again)")
         head = "Interrupted: " if self.interrupted else "Done: "
         msg = (f"{head}{', '.join(parts)} in {self.seconds:.1f} s. Store {self.store} holds "
                f"{self.total} embeddings")
@@ -104,17 +106,23 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
     t0 = time.perf_counter()
     if batch_size < 1:
         raise TlEmbedError("--batch-size must be at least 1")
-    if not is_custom_model(model):
-        get_backbone(model)  # an unknown name fails before any scanning
+    if workers is not None and workers < 1:
+        raise TlEmbedError("--workers must be at least 1")
+    check_model_options(model, layer, preprocess)  # bad names and options fail before any scanning
     root = Path(images).expanduser().resolve()
     files = scan(root)
     out = Path(out)
-    store = EmbeddingStore.open(out, "a") if (out / MANIFEST).exists() else None
-    report = EmbedReport(out, store.spec if store else None)
+    report = EmbedReport(out, None)
+    store = _open_existing(out, report) if (out / MANIFEST).exists() else None
     try:
         if store is not None:
+            report.spec = store.spec
             _check_same_source(store, root, model, pooling)
         p = plan(files, store)
+        if store is not None and not store.writable and (p.todo or p.deleted):
+            raise StoreReadOnlyError(f"store {out} is read-only, and {len(p.todo)} new or changed and "
+                                     f"{len(p.deleted)} deleted image(s) would change it; copy it somewhere "
+                                     "writable or use a new --out")
         report.unchanged, report.failed = p.unchanged, list(p.known_failures)
         if store is not None and p.deleted:
             report.removed = store.remove(p.deleted)
@@ -139,7 +147,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
             report.embed_seconds = time.perf_counter() - t_embed
         elif store is None:
             raise TlEmbedError(f"no images found under {root} (jpg, jpeg, png, bmp, gif, webp, tif, tiff)")
-        if not report.interrupted:
+        if not report.interrupted and store.writable:
             store.compact()
         store.refresh()
         report.total = len(store)
@@ -148,6 +156,19 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
             store.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _open_existing(out: Path, report: EmbedReport) -> EmbeddingStore:
+    """The store as its writer; mended first if shards were lost; read-only if it lies on read-only media."""
+    try:
+        return EmbeddingStore.open(out, "a")
+    except StoreReadOnlyError:
+        return EmbeddingStore.open(out, "r")  # fine while there is nothing to change
+    except StoreDamagedError as e:
+        if not e.repairable:
+            raise
+    report.repaired = EmbeddingStore.repair(out)
+    return EmbeddingStore.open(out, "a")
 
 
 def _check_same_source(store: EmbeddingStore, root: Path, model: str, pooling: str) -> None:

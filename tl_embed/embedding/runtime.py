@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from itertools import count
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -48,12 +51,54 @@ class Runtime(Protocol):
         """(N, S, S, 3) uint8 -> (N, D) float32."""
 
 
-def cpu_count() -> int:
-    """Cores this process may use (respects taskset/cgroup affinity where the OS reports it)."""
+def cpu_count(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may use: its CPU affinity (taskset, cpusets), capped by a cgroup CPU quota.
+
+    A container limited to 2 CPUs on a 64-core host sees 64 cores in its affinity mask; its quota
+    (``cpu.max`` in cgroup v2, ``cpu.cfs_quota_us``/``cpu.cfs_period_us`` in v1) says 2.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by this process's cgroup quota, or None when there is none (or no cgroup fs)."""
+    for rel in _own_cgroups():
+        v2 = root / rel / "cpu.max"
+        v1 = root / "cpu" / rel
+        try:
+            if v2.is_file():
+                quota, period = v2.read_text().split()[:2]
+                if quota != "max":
+                    return int(quota) / int(period)
+            elif (v1 / "cpu.cfs_quota_us").is_file():
+                quota = int((v1 / "cpu.cfs_quota_us").read_text())
+                if quota > 0:
+                    return quota / int((v1 / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _own_cgroups() -> list[str]:
+    """This process's cgroup paths (relative), innermost first, ending with the root ("")."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return [""]
+    paths: list[str] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3 and (parts[1] == "" or "cpu" in parts[1].split(",")):
+            rel = parts[2].strip("/")
+            while rel:
+                paths.append(rel)
+                rel = rel.rpartition("/")[0]
+    return [*dict.fromkeys(paths), ""]
 
 
 def configure_threads(intra_op: int | None = None, inter_op: int = 1) -> None:
@@ -135,34 +180,51 @@ class OpenVINORuntime:
         self._queue = ov.AsyncInferQueue(compiled, 2 * self.streams)  # the next request waits ready
         self._outputs: dict[int, np.ndarray] = {}
         self._queue.set_callback(_collector(self._outputs))  # no bound method: no cycle keeping us alive
+        self._submit = threading.Lock()  # one thread at a time hands requests to the queue
+        self._ids = count()  # request ids unique across concurrent streams
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return next(self.stream([(None, batch)]))[1]
 
     def stream(self, batches: Iterable[tuple[Tag, np.ndarray]]) -> Iterator[tuple[Tag, np.ndarray]]:
-        """Every batch split into requests, all streams busy; results yielded in submission order."""
-        self._outputs.clear()
-        pending: deque[tuple[Tag, range]] = deque()  # each batch's request numbers
-        seq = 0
+        """Every batch split into requests, all streams busy; results yielded in submission order.
+
+        Safe to call from several threads at once (a service's concurrent requests): each request
+        carries an id no other stream uses, so results are never swapped between callers.
+        """
+        pending: deque[tuple[Tag, list[int]]] = deque()  # each batch's request ids
         try:
             for tag, batch in batches:
                 batch = np.ascontiguousarray(batch, dtype=np.uint8)
-                first = seq
+                ids = []
                 for i in range(0, len(batch), self.images_per_request):
-                    self._queue.start_async(batch[i:i + self.images_per_request], seq)  # waits for a free one
-                    seq += 1
-                pending.append((tag, range(first, seq)))
+                    with self._submit:
+                        rid = next(self._ids)
+                        self._queue.start_async(batch[i:i + self.images_per_request], rid)  # waits for a free one
+                    ids.append(rid)
+                pending.append((tag, ids))
                 while pending and all(r in self._outputs for r in pending[0][1]):
                     yield self._gather(*pending.popleft())
+            while pending:
+                tag, ids = pending[0]
+                self._wait_for(ids)
+                yield self._gather(*pending.popleft())
         finally:
-            self._queue.wait_all()
-        while pending:
-            yield self._gather(*pending.popleft())
+            for _, ids in pending:  # an abandoned stream: drop its results when they arrive
+                self._wait_for(ids)
+                for r in ids:
+                    self._outputs.pop(r, None)
 
-    def _gather(self, tag: Tag, requests: range) -> tuple[Tag, np.ndarray]:
-        if not requests:  # an empty batch
+    def _wait_for(self, ids: list[int]) -> None:
+        if not all(r in self._outputs for r in ids):
+            self._queue.wait_all()  # every request handed over so far has finished after this
+        if not all(r in self._outputs for r in ids):
+            raise RuntimeError("OpenVINO finished a request without delivering its result")
+
+    def _gather(self, tag: Tag, ids: list[int]) -> tuple[Tag, np.ndarray]:
+        if not ids:  # an empty batch
             return tag, np.zeros((0, self.dim), np.float32)
-        return tag, np.concatenate([self._outputs.pop(r) for r in requests]).astype(np.float32, copy=False)
+        return tag, np.concatenate([self._outputs.pop(r) for r in ids]).astype(np.float32, copy=False)
 
 
 def _collector(outputs: dict[int, np.ndarray]) -> Callable:

@@ -11,14 +11,21 @@ SQLite transaction that references it commits.  A crash therefore loses at most 
 an orphan shard left behind is deleted by the next writer.  At the end of a write session the live
 rows are compacted into a single shard in manifest order, so :attr:`EmbeddingStore.embeddings` is
 one memory-mapped N x D array.
+
+A new store is built in a hidden temp folder beside its final place and renamed into place, so a folder
+named like a store is always a complete store.  Readers never take the lock: each reads one SQLite
+snapshot, and if the writer's compaction unlinks a shard between that snapshot and the mapping, the
+reader simply takes a fresh snapshot.  A store on read-only media opens for reading as it is.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import time
 import uuid
@@ -29,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import StoreError
+from ..errors import StoreDamagedError, StoreError, StoreReadOnlyError
 from ..files import atomic_write
 from .backbones import BackboneSpec
 
@@ -87,13 +94,13 @@ class EmbeddingStore:
         self.path = path
         self._conn = conn
         self._lock_fd = lock_fd
-        meta = dict(conn.execute("SELECT key, value FROM meta"))
-        if int(meta.get("format_version", -1)) != FORMAT_VERSION:
-            raise StoreError(f"{path} has store format {meta.get('format_version')}, "
-                             f"this tl_embed reads format {FORMAT_VERSION}")
-        self.meta = meta
-        self.spec = BackboneSpec.from_dict(json.loads(meta["spec"]))
-        self.dtype = np.dtype(meta["dtype"])
+        self.meta = meta = _read_meta(path, conn)
+        try:
+            self.spec = BackboneSpec.from_dict(json.loads(meta["spec"]))
+            self.dtype = np.dtype(meta["dtype"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreDamagedError(path, f"its backbone record is missing or unreadable ({type(e).__name__}: {e})",
+                                    ) from None
         self.root = Path(meta["root"]) if meta.get("root") else None
         self._load()
 
@@ -101,7 +108,11 @@ class EmbeddingStore:
     @classmethod
     def create(cls, path: str | os.PathLike, spec: BackboneSpec, dtype: str = "float32",
                root: str | os.PathLike | None = None) -> EmbeddingStore:
-        """Create a new, empty store and open it for writing."""
+        """Create a new, empty store and open it for writing.
+
+        The store is made complete in a hidden temp folder and renamed into place: a crash, Ctrl-C or
+        full disk during creation leaves no half-made store behind.
+        """
         if dtype not in DTYPES:
             raise StoreError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         path = Path(path)
@@ -109,17 +120,34 @@ class EmbeddingStore:
             raise StoreError(f"{path} already holds a store")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreError(f"{path} exists and is not an empty folder; choose another --out")
-        (path / "shards").mkdir(parents=True, exist_ok=True)
-        lock_fd = _lock(path)
-        conn = _connect(path / MANIFEST)
-        with conn:
-            conn.executescript(_SCHEMA)
-            meta = {"format_version": FORMAT_VERSION, "spec": json.dumps(spec.to_dict()),
-                    "dtype": dtype, "root": str(Path(root).resolve()) if root else "",
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tl_embed_version": __version__,
-                    "uid": uuid.uuid4().hex}
-            conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in meta.items()])
-        return cls(path, conn, lock_fd)
+        if not path.parent.is_dir():
+            raise StoreError(f"folder {path.parent} does not exist; create it first or choose another --out")
+        _remove_dead_temp_folders(path)
+        tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        try:
+            (tmp / "shards").mkdir(parents=True)
+            conn = sqlite3.connect(tmp / MANIFEST)
+            try:
+                with conn:
+                    conn.executescript(_SCHEMA)
+                    meta = {"format_version": FORMAT_VERSION, "spec": json.dumps(spec.to_dict()),
+                            "dtype": dtype, "root": str(Path(root).resolve()) if root else "",
+                            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tl_embed_version": __version__,
+                            "uid": uuid.uuid4().hex}
+                    conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in meta.items()])
+            finally:
+                conn.close()
+            _fsync_tree(tmp)
+            try:
+                os.rename(tmp, path)  # replaces an empty folder; fails if another process got there first
+            except OSError as e:
+                raise StoreError(f"cannot create store {path}: {e.strerror} (another process may be "
+                                 "creating it; try again)") from None
+            _fsync_dir(path.parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return cls.open(path, "a")
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r") -> EmbeddingStore:
@@ -131,11 +159,44 @@ class EmbeddingStore:
             raise StoreError(f"{path} is not a tl_embed store (no {MANIFEST}); create one with "
                              "`tl-embed embed IMAGES --out STORE`")
         lock_fd = _lock(path) if mode == "a" else None
-        conn = _connect(path / MANIFEST, readonly=(mode == "r"))
-        store = cls(path, conn, lock_fd)
+        try:
+            conn = _connect(path / MANIFEST, readonly=(mode == "r"))
+            store = cls(path, conn, lock_fd)
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
         if mode == "a":
             store._remove_orphan_files()
         return store
+
+    @classmethod
+    def repair(cls, path: str | os.PathLike) -> int:
+        """Forget the rows whose shard is missing or unreadable, so the next run embeds them again.
+
+        Returns how many rows were forgotten.  The images themselves are untouched; only vectors that
+        are already lost are dropped from the manifest.
+        """
+        path = Path(path)
+        lock_fd = _lock(path)
+        try:
+            conn = _connect(path / MANIFEST)
+            try:
+                dim = BackboneSpec.from_dict(json.loads(_read_meta(path, conn)["spec"])).dim
+                bad = [sid for sid, f, n in conn.execute("SELECT id, file, rows FROM shards")
+                       if not _shard_ok(path / "shards" / f, n, dim)]
+                with conn:
+                    before = conn.total_changes
+                    conn.executemany("DELETE FROM items WHERE shard = ?", [(b,) for b in bad])
+                    conn.execute("DELETE FROM items WHERE shard NOT IN (SELECT id FROM shards) OR "
+                                 "row >= (SELECT rows FROM shards WHERE shards.id = items.shard)")
+                    dropped = conn.total_changes - before
+                    conn.executemany("DELETE FROM shards WHERE id = ?", [(b,) for b in bad])
+                return dropped
+            finally:
+                conn.close()
+        finally:
+            os.close(lock_fd)
 
     def close(self) -> None:
         self._conn.close()
@@ -157,22 +218,58 @@ class EmbeddingStore:
         return hashlib.sha256(f"{self.meta.get('root')}|{self.meta.get('created')}".encode()).hexdigest()[:32]
 
     # ------------------------------------------------------------- read side
-    def _load(self) -> None:
-        """Read the manifest and map the shards it references (one consistent snapshot)."""
-        if self._lock_fd is None:  # reader: start a fresh snapshot transaction
-            self._conn.execute("COMMIT")
-            self._conn.execute("BEGIN")
-        rows = self._conn.execute(
-            "SELECT path, label, split, sha256, size, mtime_ns, width, height, shard, row, id "
-            "FROM items ORDER BY shard, row").fetchall()
+    def _load(self, attempts: int = 5) -> None:
+        """Read the manifest and map the shards it references (one consistent snapshot).
+
+        A reader can lose the race with a compacting writer (the snapshot names a shard the writer has
+        just unlinked): it then takes a fresh snapshot, which names the new shard.
+        """
+        for attempt in range(attempts):
+            try:
+                self._load_snapshot()
+                return
+            except FileNotFoundError as e:
+                if self._lock_fd is not None or attempt == attempts - 1:
+                    raise StoreDamagedError(self.path, f"shard {Path(e.filename or '?').name} is missing",
+                                            repairable=True) from None
+                time.sleep(0.05 * (attempt + 1))
+
+    def _load_snapshot(self) -> None:
+        try:
+            if self._lock_fd is None:  # reader: start a fresh snapshot transaction
+                self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN")
+            rows = self._conn.execute(
+                "SELECT path, label, split, sha256, size, mtime_ns, width, height, shard, row, id "
+                "FROM items ORDER BY shard, row").fetchall()
+            shard_files = self._conn.execute("SELECT id, file, rows FROM shards").fetchall()
+        except sqlite3.DatabaseError as e:
+            raise StoreDamagedError(self.path, f"its manifest cannot be read ({e})") from None
+        self._shards = {sid: self._map_shard(f, n) for sid, f, n in shard_files}
         self._rows: list[ManifestRow] = [ManifestRow(*r[:8]) for r in rows]
         self._locations = np.array([(r[8], r[9]) for r in rows], dtype=np.int64).reshape(-1, 2)
         self._ids = np.array([r[10] for r in rows], dtype=np.int64)
-        self._shards = {sid: np.load(self.path / "shards" / f, mmap_mode="r")
-                        for sid, f in self._conn.execute("SELECT id, file FROM shards")}
+        bad = [r for r in rows if r[8] not in self._shards or not 0 <= r[9] < len(self._shards[r[8]])]
+        if bad:
+            raise StoreDamagedError(self.path, f"{len(bad)} manifest row(s) point outside their shard "
+                                    f"(first: {bad[0][0]})", repairable=True)
         self._embeddings: np.ndarray | None = None
         self._index = {r.path: i for i, r in enumerate(self._rows)}
         self._dirty = False
+
+    def _map_shard(self, name: str, rows: int) -> np.ndarray:
+        """Memory-map one shard, checking it is the rows x dim array the manifest says."""
+        try:
+            arr = np.load(self.path / "shards" / name, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, EOFError) as e:
+            raise StoreDamagedError(self.path, f"shard {name} is unreadable ({_first_line(e)})",
+                                    repairable=True) from None
+        if arr.shape != (rows, self.dim) or arr.dtype != self.dtype:
+            raise StoreDamagedError(self.path, f"shard {name} holds {arr.shape} {arr.dtype}, the manifest "
+                                    f"expects ({rows}, {self.dim}) {self.dtype}", repairable=True)
+        return arr
 
     def _view(self) -> None:
         """Reload after this writer's own commits, so reads always see them."""
@@ -282,6 +379,11 @@ class EmbeddingStore:
         atomic_write(Path(csv_path), write_csv)
 
     # ------------------------------------------------------------ write side
+    @property
+    def writable(self) -> bool:
+        """Whether this handle holds the writer lock (``mode="a"``)."""
+        return self._lock_fd is not None
+
     def _require_writer(self) -> None:
         if self._lock_fd is None:
             raise StoreError(f"{self.path} is open read-only")
@@ -388,24 +490,72 @@ class EmbeddingStore:
 
 
 def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    """A writer's connection (WAL, full sync) or a reader's one-snapshot connection.
+
+    The reader's URI is built by pathlib (percent-encoded), so ``#``, ``?`` or ``%`` in a store's path
+    cannot turn ``mode=ro`` into part of the file name.  On read-only media SQLite cannot create the
+    WAL's shared-memory file; nobody can write there, so the file is opened as immutable.
+    """
     try:
         if readonly:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-            conn.execute("BEGIN")  # one snapshot for the whole read
+            uri = path.absolute().as_uri()
+            try:
+                conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None)
+                conn.execute("BEGIN")  # one snapshot for the whole read
+                conn.execute("SELECT 1 FROM meta LIMIT 1")
+            except sqlite3.OperationalError as e:
+                if not _read_only_media(path, e):
+                    raise
+                conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
+                conn.execute("BEGIN")
             return conn
         conn = sqlite3.connect(path)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         return conn
     except sqlite3.DatabaseError as e:
-        raise StoreError(f"cannot open manifest {path}: {e}") from None
+        if not readonly and _read_only_media(path, e):
+            raise StoreReadOnlyError(f"store {path.parent} is read-only ({e}); it can be read but not "
+                                     "changed") from None
+        raise StoreDamagedError(path.parent, f"its manifest cannot be opened ({e})") from None
+
+
+def _shard_ok(file: Path, rows: int, dim: int) -> bool:
+    try:
+        return np.load(file, mmap_mode="r", allow_pickle=False).shape == (rows, dim)
+    except (OSError, ValueError, EOFError):
+        return False
+
+
+def _read_only_media(path: Path, e: Exception) -> bool:
+    """Whether an SQLite failure comes from a folder we may not write to (read-only mount, permissions)."""
+    return "readonly" in str(e) or "unable to open" in str(e) or not os.access(path.parent, os.W_OK)
+
+
+def _read_meta(path: Path, conn: sqlite3.Connection) -> dict[str, str]:
+    try:
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+    except sqlite3.DatabaseError as e:
+        raise StoreDamagedError(path, f"its manifest cannot be read ({e})") from None
+    version = meta.get("format_version")
+    if version is None:
+        raise StoreDamagedError(path, "its manifest has no format record")
+    if version != str(FORMAT_VERSION):
+        raise StoreError(f"{path} has store format {version}, this tl_embed reads format {FORMAT_VERSION}")
+    return meta
 
 
 def _lock(path: Path) -> int:
     """Take the store's writer lock; the OS releases it if the process dies."""
     import fcntl
 
-    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise StoreReadOnlyError(f"store {path} is read-only ({e.strerror}); it can be read but not "
+                                     "changed") from None
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -413,3 +563,47 @@ def _lock(path: Path) -> int:
         raise StoreError(f"{path} is being written by another tl-embed process; "
                          "wait for it to finish (only one writer at a time)") from None
     return fd
+
+
+def _remove_dead_temp_folders(path: Path) -> None:
+    """Temp folders of store creations whose process is gone (killed mid-creation)."""
+    for tmp in path.parent.glob(f".{path.name}.creating-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Make a freshly built folder durable before it is renamed into place."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in [*(d for d in folder.rglob("*") if d.is_dir()), folder]:
+        _fsync_dir(d)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
