@@ -69,7 +69,7 @@ def test_bad_pipelines_fail_before_any_work_with_file_and_line(tmp_path):
         '[vars]\nimages = "x"\n\n[[step]]\nname = "e"\nrun = "embed"\nargs = ["{images}"]\n':
             r"p.toml:4: step 'e': the following arguments are required: --out",
         '[vars]\nimages = "x"\n\n' + GOOD_STEP.replace('out = "x.tle"', 'out = "x.tle"\nbatch_size = "many"'):
-            r"p.toml:4: step 'e': argument --batch-size: invalid int value: 'many'",
+            r"p.toml:4: step 'e': argument --batch-size: expected a whole number, not 'many'",
         '[vars]\nimages = ""\n\n' + GOOD_STEP: r"set --set images=\.\.\.",
         'stepz = 1\n': r"p.toml:1: unknown top-level key 'stepz'",
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .options import add_backbone_options, add_command, add_runtime_option, out_path, positive_int
+from .options import add_backbone_options, add_command, add_runtime_option, positive_int
 
 
 # ---------------------------------------------------------------- models
@@ -35,7 +35,7 @@ def register_embed(sub) -> None:
              "changed files and removes deleted ones; an interrupted run continues where it stopped. "
              "Labels come from the first sub-folder; a top-level train/val/test folder is the split.")
     p.add_argument("images", help="folder of images (searched recursively)")
-    p.add_argument("--out", "-o", required=True, type=out_path,
+    p.add_argument("--out", "-o", required=True,
                    help="store folder to create or update (e.g. photos.tle)")
     add_backbone_options(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
@@ -100,7 +100,7 @@ def _counts(d: dict[str, int]) -> str:
 def register_export(sub) -> None:
     p = add_command(sub, "export", "export a store's embeddings to .npy and its manifest to .csv")
     p.add_argument("store")
-    p.add_argument("--out", "-o", required=True, type=out_path,
+    p.add_argument("--out", "-o", required=True,
                    help="output prefix: writes PREFIX.npy (N x D) and PREFIX.csv (row, path, label, ...)")
     p.set_defaults(func=cmd_export)
 

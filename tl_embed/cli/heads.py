@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .options import add_command, add_runtime_option, fraction, out_path, positive_int
+from .options import add_command, add_runtime_option, fraction, positive_int
 
 
 # ----------------------------------------------------------------- train
@@ -21,7 +21,7 @@ def register_train(sub) -> None:
              "hold-out. Writes the model file plus OUT.report.json/.md and OUT.confusion.png. "
              "Model files are pickles: only load files you trust.")
     p.add_argument("store")
-    p.add_argument("--out", "-o", required=True, type=out_path, help="model file to write (e.g. pets.tlh)")
+    p.add_argument("--out", "-o", required=True, help="model file to write (e.g. pets.tlh)")
     p.add_argument("--head", default="logreg", choices=HEADS,
                    help="logreg: multinomial logistic regression; svm: linear SVM with calibrated "
                         "probabilities; knn: cosine k-NN")
@@ -119,7 +119,7 @@ def register_evaluate(sub) -> None:
     p.add_argument("model")
     p.add_argument("data", help="labelled store (.tle) or image folder (labels = sub-folders)")
     p.add_argument("--split", default=None, help="only this split of a store (train/val/test)")
-    p.add_argument("--out", default=None, type=out_path,
+    p.add_argument("--out", default=None,
                    help="also write OUT.report.json/.md and OUT.confusion.png")
     add_runtime_option(p)
     p.set_defaults(func=cmd_evaluate)

@@ -14,6 +14,7 @@ import sys
 
 from .. import __version__
 from ..errors import TlEmbedError
+from .options import check_out_folder
 
 EPILOG = "Run `tl-embed COMMAND --help` for a command's options. Docs: README.md."
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None, raise_errors: bool = False) -> int:
         parser.print_help()
         return 2
     try:
+        check_out_folder(getattr(args, "out", None))
         return args.func(args) or 0
     except TlEmbedError as e:
         if raise_errors:
@@ -71,8 +73,15 @@ def system_error_text(e: OSError | sqlite3.Error) -> str:
     return f"{where}: {hint}"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (what is wrong, where to look), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="tl-embed", epilog=EPILOG,
         description="Transfer learning without a GPU: embed images once with a frozen ImageNet "
                     "backbone, then train classifier heads and search with FAISS in seconds.")

@@ -44,12 +44,17 @@ def add_runtime_option(p: argparse.ArgumentParser) -> None:
                         "'keras' (the reference), or 'auto' (openvino, falling back to keras with a notice)")
 
 
-def out_path(value: str) -> str:
-    """``--out``: the thing a command writes; its folder must exist (we never guess a typo'd tree)."""
-    parent = Path(value).expanduser().absolute().parent
+def check_out_folder(out: str | None) -> None:
+    """``--out`` is the thing a command writes; its folder must exist (a typo'd tree is never guessed).
+
+    Checked when the command runs, not when it is parsed: a pipeline parses every step first and
+    creates its output folders just before each step runs.
+    """
+    if out is None:
+        return
+    parent = Path(out).expanduser().absolute().parent
     if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"folder {parent} does not exist; create it first or choose another --out")
-    return value
+        raise TlEmbedError(f"--out {out}: folder {parent} does not exist; create it first or choose another --out")
 
 
 def positive_int(value: str) -> int:

@@ -175,7 +175,8 @@ def check_model_options(model: str, layer: str | None, preprocess: str | None) -
     get_backbone(model)  # an unknown name fails here, before any work
     given = [f"--{name} {value}" for name, value in (("layer", layer), ("preprocess", preprocess)) if value]
     if given:
-        raise TlEmbedError(f"{' and '.join(given)} only apply to a custom model file (--model my_model.keras); "
+        verb = "applies" if len(given) == 1 else "apply"
+        raise TlEmbedError(f"{' and '.join(given)} only {verb} to a custom model file (--model my_model.keras); "
                            f"{model} is built in, with its own pooled output and preprocessing")
 
 
