@@ -1,4 +1,4 @@
-"""Files that are never half-written: the one helper every stage that writes a file uses."""
+"""Files that are never half-written: the helpers every stage that writes a file uses."""
 
 from __future__ import annotations
 
@@ -17,8 +17,13 @@ def atomic_write(target: Path, write) -> None:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(target.parent, os.O_RDONLY)
+    fsync_dir(target.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in ``folder`` durable (the folder's entry, not just the data)."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)

@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import StoreDamagedError, StoreError, StoreReadOnlyError
-from ..files import atomic_write
+from ..files import atomic_write, fsync_dir
 from .backbones import BackboneSpec
 
 FORMAT_VERSION = 1
@@ -143,7 +143,7 @@ class EmbeddingStore:
             except OSError as e:
                 raise StoreError(f"cannot create store {path}: {e.strerror} (another process may be "
                                  "creating it; try again)") from None
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -593,15 +593,7 @@ def _fsync_tree(folder: Path) -> None:
             finally:
                 os.close(fd)
     for d in [*(d for d in folder.rglob("*") if d.is_dir()), folder]:
-        _fsync_dir(d)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(d)
 
 
 def _first_line(e: Exception) -> str:
