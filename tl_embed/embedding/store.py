@@ -99,8 +99,8 @@ class EmbeddingStore:
             self.spec = BackboneSpec.from_dict(json.loads(meta["spec"]))
             self.dtype = np.dtype(meta["dtype"])
         except (KeyError, TypeError, ValueError) as e:
-            raise StoreDamagedError(path, f"its backbone record is missing or unreadable ({type(e).__name__}: {e})",
-                                    ) from None
+            raise StoreDamagedError(path, "its backbone record is missing or unreadable "
+                                    f"({type(e).__name__}: {e})") from None
         self.root = Path(meta["root"]) if meta.get("root") else None
         self._load()
 
@@ -249,13 +249,24 @@ class EmbeddingStore:
         self._rows: list[ManifestRow] = [ManifestRow(*r[:8]) for r in rows]
         self._locations = np.array([(r[8], r[9]) for r in rows], dtype=np.int64).reshape(-1, 2)
         self._ids = np.array([r[10] for r in rows], dtype=np.int64)
-        bad = [r for r in rows if r[8] not in self._shards or not 0 <= r[9] < len(self._shards[r[8]])]
-        if bad:
+        bad = self._rows_outside_shards()
+        if len(bad):
             raise StoreDamagedError(self.path, f"{len(bad)} manifest row(s) point outside their shard "
-                                    f"(first: {bad[0][0]})", repairable=True)
+                                    f"(first: {rows[bad[0]][0]})", repairable=True)
         self._embeddings: np.ndarray | None = None
         self._index = {r.path: i for i, r in enumerate(self._rows)}
         self._dirty = False
+
+    def _rows_outside_shards(self) -> np.ndarray:
+        """Positions of manifest rows whose (shard, row) is not in a mapped shard."""
+        loc = self._locations
+        if not len(loc):
+            return np.zeros(0, dtype=np.int64)
+        limit = np.zeros(int(loc[:, 0].max()) + 1, dtype=np.int64)
+        for sid, arr in self._shards.items():
+            if 0 <= sid < len(limit):
+                limit[sid] = len(arr)
+        return np.flatnonzero((loc[:, 0] < 0) | (loc[:, 1] < 0) | (loc[:, 1] >= limit[np.maximum(loc[:, 0], 0)]))
 
     def _map_shard(self, name: str, rows: int) -> np.ndarray:
         """Memory-map one shard, checking it is the rows x dim array the manifest says."""
