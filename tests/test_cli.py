@@ -43,3 +43,20 @@ def test_user_errors_are_one_line_not_a_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tl_embed.cli", "embed", str(tmp_path), "--out",
                         str(tmp_path / "s.tle"), "--model", "no_such_net"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown model 'no_such_net'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_embed_refuses_to_empty_a_store_without_prune(tmp_path, image_folder, tiny_model, capsys):
+    out = tmp_path / "s.tle"
+    args = ["embed", str(image_folder), "--out", str(out), "--model", tiny_model, "--layer", "features", "-q"]
+    assert main(args) == 0
+    for f in image_folder.rglob("*.jpg"):
+        f.unlink()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(f"tl-embed: error: this run would remove 18 of the 18 embeddings in {out}")
+    assert err[0].endswith("run again with --prune to remove them")
+    assert main([*args, "--prune"]) == 0
+    assert "18 removed" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0 and "embedded   0" in capsys.readouterr().out

@@ -1,18 +1,21 @@
+import errno
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import COLORS, make_folder, make_image
 
-from tl_embed.embedding.embed import embed_folder
+from tl_embed.embedding.embed import Plan, check_prune, embed_folder
 from tl_embed.embedding.scan import label_and_split
 from tl_embed.embedding.store import EmbeddingStore
-from tl_embed.errors import StoreError
+from tl_embed.errors import StoreError, TlEmbedError
 
 
 def test_labels_and_splits_follow_the_keras_convention():
@@ -84,6 +87,131 @@ def test_refuses_other_backbone_and_other_folder(tmp_path, image_folder, tiny_mo
 def test_custom_model_layer_cut(tmp_path, image_folder, tiny_model):
     r = embed(image_folder, tmp_path / "s.tle", tiny_model, layer="conv", pooling="max")
     assert r.spec.dim == 16 and r.spec.layer == "conv" and r.spec.pooling == "max"
+
+
+def test_missing_image_folder_is_an_error_and_changes_nothing(tmp_path, image_folder, tiny_model):
+    out = tmp_path / "s.tle"
+    embed(image_folder, out, tiny_model)
+    image_folder.rename(tmp_path / "renamed")
+    with pytest.raises(TlEmbedError, match="does not exist .*moved, renamed or not mounted.*was not changed"):
+        embed(image_folder, out, tiny_model)
+    with EmbeddingStore.open(out) as s:
+        assert len(s) == 18
+
+
+def test_emptied_folder_is_refused_unless_pruned(tmp_path, image_folder, tiny_model):
+    out = tmp_path / "s.tle"
+    embed(image_folder, out, tiny_model)
+    shutil.rmtree(image_folder)
+    image_folder.mkdir()  # an unmounted drive leaves an empty mount point
+    with pytest.raises(TlEmbedError, match="would remove 18 of the 18 embeddings .*nothing was changed.*--prune"):
+        embed(image_folder, out, tiny_model)
+    with EmbeddingStore.open(out) as s:
+        assert len(s) == 18
+    r = embed(image_folder, out, tiny_model, prune=True)
+    assert (r.removed, r.total) == (18, 0)
+    with EmbeddingStore.open(out) as s:
+        assert len(s) == 0 and len(s.embeddings) == 0
+
+
+def test_mass_deletion_needs_prune_a_few_deletions_do_not(tmp_path, tiny_model):
+    images = make_folder(tmp_path / "images", per_class=12)  # 36 images
+    out = tmp_path / "s.tle"
+    embed(images, out, tiny_model)
+    for i in range(3):
+        (images / "red" / f"red_{i:03d}.jpg").unlink()
+    r = embed(images, out, tiny_model)
+    assert (r.removed, r.total) == (3, 33) and "3 removed" in r.text()
+    shutil.rmtree(images / "green")  # 12 of 33: more than 10 and more than 10%
+    with pytest.raises(TlEmbedError, match="would remove 12 of the 33 embeddings"):
+        embed(images, out, tiny_model)
+    r = embed(images, out, tiny_model, prune=True)
+    assert (r.removed, r.total) == (12, 21)
+
+
+class _Sized:
+    path = "s.tle"
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@pytest.mark.parametrize("total, lost, refused", [(1000, 100, False), (1000, 101, True), (50, 10, False),
+                                                  (50, 11, True), (10, 9, False), (10, 10, True), (1, 1, True)])
+def test_prune_rule(total, lost, refused):
+    """Refused: all of the store, or more than 10 and more than 10% of it."""
+    p = Plan([], 0, [], [], [], lost)
+    if refused:
+        with pytest.raises(TlEmbedError, match=f"would remove {lost} of the {total} "):
+            check_prune(_Sized(total), p, Path("/photos"))
+    else:
+        check_prune(_Sized(total), p, Path("/photos"))
+
+
+def test_unreadable_folder_and_broken_folder_link_keep_their_rows(tmp_path, image_folder, tiny_model, monkeypatch):
+    out = tmp_path / "s.tle"
+    embed(image_folder, out, tiny_model)
+    shutil.move(image_folder / "green", tmp_path / "usb")
+    (image_folder / "green").symlink_to(tmp_path / "unmounted")  # the folder now lives on a missing drive
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("/red"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    r = embed(image_folder, out, tiny_model)
+    assert (r.removed, r.unchanged, r.total) == (0, 6, 18)
+    assert r.unreadable == {"green": f"broken link: its target {tmp_path / 'unmounted'} does not exist",
+                            "red": "unreadable: Permission denied"}
+    assert "Could not read 2 folder(s) or link(s) (anything the store holds under them is kept): " in r.text()
+    with EmbeddingStore.open(out) as s:
+        assert len(s) == 18
+
+
+def test_broken_links_pipes_and_non_utf8_names_are_recorded_and_not_retried(tmp_path, image_folder, tiny_model):
+    (image_folder / "red" / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    (image_folder / "green" / "a.jpg").symlink_to("b.jpg")
+    (image_folder / "green" / "b.jpg").symlink_to("a.jpg")
+    os.mkfifo(image_folder / "blue" / "wait.jpg")
+    jpeg = (image_folder / "red" / "red_000.jpg").read_bytes()
+    fd = os.open(os.fsencode(image_folder / "red") + b"/caf\xe9.jpg", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, jpeg)  # a fine image with a name SQLite cannot hold
+    os.close(fd)
+    out = tmp_path / "s.tle"
+    r = embed(image_folder, out, tiny_model)
+    assert r.embedded == 18 and r.total == 18
+    assert {f.path: f.reason for f in r.failed} == {
+        "blue/wait.jpg": "not a regular file (a named pipe)",
+        "green/a.jpg": "symlink loop (the link leads back to itself)",
+        "green/b.jpg": "symlink loop (the link leads back to itself)",
+        "red/caf\\xe9.jpg": "file name is not valid UTF-8; rename it",
+        "red/dangling.jpg": f"broken link: its target {tmp_path / 'gone.jpg'} does not exist"}
+    with sqlite3.connect(out / "manifest.sqlite") as c:  # raises if a path is not valid UTF-8
+        stored = [p for (p,) in c.execute("SELECT path FROM items UNION ALL SELECT path FROM failures")]
+    assert len(stored) == 23 and all(p.encode("utf-8") for p in stored)
+    r = embed(image_folder, out, tiny_model)  # known failures: not retried, nothing removed
+    assert (r.embedded, r.unchanged, r.removed, len(r.failed), r.total) == (0, 18, 0, 5, 18)
+    (image_folder / "red" / "dangling.jpg").unlink()
+    (image_folder / "red" / "dangling.jpg").symlink_to("red_001.jpg")  # fixed by the user
+    (image_folder / "blue" / "wait.jpg").unlink()
+    (image_folder / "blue" / "wait.jpg").symlink_to("nowhere.jpg")  # broken another way
+    r = embed(image_folder, out, tiny_model)
+    assert (r.embedded, r.removed, r.total) == (1, 0, 19)
+    with EmbeddingStore.open(out) as s:
+        reasons = {f.path: f.reason for f in s.failures}
+        assert len(s) == 19 and "red/dangling.jpg" not in reasons and len(reasons) == 4
+        assert reasons["blue/wait.jpg"].startswith("broken link: its target")
+
+
+def test_folder_link_to_parent_embeds_each_image_once(tmp_path, image_folder, tiny_model):
+    (image_folder / "red" / "up").symlink_to("..")
+    r = embed(image_folder, tmp_path / "s.tle", tiny_model)
+    assert (r.embedded, r.total, r.failed) == (18, 18, [])
 
 
 def _count_rows(path) -> int:

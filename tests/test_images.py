@@ -110,3 +110,50 @@ def test_load_image_hashes_the_file(tmp_path):
     import hashlib
 
     assert load_image(path, 8).sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def with_app1(jpeg: bytes, payload: bytes) -> bytes:
+    """``jpeg`` with an APP1 segment holding ``payload`` inserted after its JFIF header."""
+    import struct
+
+    i = jpeg.index(b"\xff\xdb")  # first quantisation table: after SOI and APP0
+    return jpeg[:i] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[i:]
+
+
+@pytest.mark.parametrize("exif", [b"Exif\x00\x00" + bytes(range(200)),  # not a TIFF header
+                                  b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x05",  # IFD cut short
+                                  b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x02\x01\x12\x00\x03"])
+def test_corrupt_exif_is_ignored_when_the_pixels_decode(exif):
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, 20:] = (0, 0, 255)
+    clean = encode(Image.fromarray(arr), "JPEG", quality=95, dpi=(72, 72))  # dpi: Pillow won't pre-read EXIF
+    px, w, h = decode_bytes(with_app1(clean, exif), 16)
+    expected, _, _ = decode_bytes(clean, 16)
+    assert (w, h) == (40, 20)
+    np.testing.assert_array_equal(px, expected)
+
+
+def test_pipes_devices_and_folders_are_refused_without_reading(tmp_path):
+    import os
+    import threading
+
+    os.mkfifo(tmp_path / "wait.jpg")
+    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    cases = {"wait.jpg": "not a regular file (a named pipe)", "folder.jpg": "not a regular file (a folder)",
+             "/dev/zero": "not a regular file (a character device)",
+             "loop.jpg": "symlink loop (the link leads back to itself)",
+             "gone.jpg": "missing (a broken link, or deleted during the run)"}
+    reasons = {}
+
+    def load_all():
+        for name in cases:
+            try:
+                load_image(tmp_path / name, 16)
+            except ImageDecodeError as e:
+                reasons[name] = e.reason
+
+    t = threading.Thread(target=load_all, daemon=True)  # a blocking open would hang here, not the suite
+    t.start()
+    t.join(timeout=20)
+    assert not t.is_alive() and reasons == cases

@@ -32,7 +32,8 @@ def cmd_models(args) -> None:
 def register_embed(sub) -> None:
     p = add_command(sub, "embed", "embed a folder of images into a store (resumable, incremental)",
              "Embed every image under IMAGES into the store OUT. Re-running only embeds new or "
-             "changed files and removes deleted ones; an interrupted run continues where it stopped. "
+             "changed files and removes deleted ones (many at once only with --prune); an interrupted run "
+             "continues where it stopped. Folder links are followed, each real folder once. "
              "Labels come from the first sub-folder; a top-level train/val/test folder is the split.")
     p.add_argument("images", help="folder of images (searched recursively)")
     p.add_argument("--out", "-o", required=True,
@@ -43,6 +44,10 @@ def register_embed(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per inference batch and commit")
     p.add_argument("--workers", type=positive_int, default=None, help="decoding threads (default: CPU cores)")
     add_runtime_option(p)
+    p.add_argument("--prune", action="store_true",
+                   help="allow removing the embeddings of many vanished images (more than 10 and more than 10%% "
+                        "of the store, or all of it); without it such a run is refused, since an unmounted, "
+                        "emptied or half-copied folder looks the same")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_embed)
 
@@ -53,7 +58,7 @@ def cmd_embed(args) -> int:
     report = embed_folder(args.images, args.out, model=args.model, weights=args.weights,
                           pooling=args.pooling, layer=args.layer, preprocess=args.preprocess,
                           dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
-                          runtime=args.runtime, progress=not args.quiet)
+                          runtime=args.runtime, progress=not args.quiet, prune=args.prune)
     print(report.text())
     return 130 if report.interrupted else 0
 

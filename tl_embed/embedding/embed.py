@@ -1,7 +1,9 @@
 """Embed a folder: scan -> plan (new / changed / deleted) -> decode in parallel -> runtime -> store.
 
 Resuming is just planning: committed images are unchanged on the next run, so a killed run continues
-where its last committed batch ended.
+where its last committed batch ended. Planning never trusts an absence blindly: images under folders
+the scan could not read are kept, and a run that would drop a large share of the store is refused
+unless the user says ``prune``.
 """
 
 from __future__ import annotations
@@ -27,8 +29,12 @@ from .backbones import (
 )
 from .images import DecodedImage, ImageDecodeError, load_image
 from .runtime import Runtime, cpu_count, make_runtime, stream
-from .scan import ImageFile, scan
+from .scan import ImageFile, Scan, is_utf8, scan
 from .store import MANIFEST, EmbeddingStore, Failure, ManifestRow
+
+PRUNE_FREE = 10  # removals always allowed without --prune (a few deleted photos) ...
+PRUNE_SHARE = 0.10  # ... and any removal up to this share of the store; but never all of it
+FORMATS = "jpg, jpeg, png, bmp, gif, webp, tif, tiff"
 
 
 @dataclass
@@ -38,15 +44,17 @@ class Plan:
     todo: list[ImageFile]
     unchanged: int
     known_failures: list[Failure]  # failed before and not modified since: not retried
-    deleted: list[str]
+    new_failures: list[Failure]  # found broken by the scan (links, pipes, names): recorded, not decoded
+    deleted: list[str]  # images and failure records gone from the folder
+    lost: int = 0  # embeddings this run would drop: deleted images, and embedded ones now broken
 
 
-def plan(files: list[ImageFile], store: EmbeddingStore | None) -> Plan:
+def plan(found: Scan, store: EmbeddingStore | None) -> Plan:
     if store is None:
-        return Plan(list(files), 0, [], [])
-    todo, unchanged, known = [], 0, []
+        return Plan(list(found.files), 0, [], list(found.failures), [])
+    todo, unchanged, known, new = [], 0, [], []
     failures = {f.path: f for f in store.failures}
-    for f in files:
+    for f in found.files:
         row = store.row_for(f.rel)
         if row and (row.size, row.mtime_ns, row.label, row.split) == (f.size, f.mtime_ns, f.label, f.split):
             unchanged += 1
@@ -54,10 +62,25 @@ def plan(files: list[ImageFile], store: EmbeddingStore | None) -> Plan:
             known.append(fail)
         else:
             todo.append(f)
-    present = {f.rel for f in files}
-    deleted = [r.path for r in store.rows if r.path not in present]
-    deleted += [p for p in failures if p not in present]
-    return Plan(todo, unchanged, known, deleted)
+    for f in found.failures:
+        if (old := failures.get(f.path)) and (old.size, old.mtime_ns) == (f.size, f.mtime_ns):
+            known.append(old)
+        else:
+            new.append(f)
+    present = {f.rel for f in found.files} | {f.path for f in found.failures}
+    gone = [r.path for r in store.rows if r.path not in present and not found.under_unreadable(r.path)]
+    gone_failures = [p for p in failures if p not in present and not found.under_unreadable(p)]
+    lost = len(gone) + sum(store.row_for(f.path) is not None for f in new)
+    return Plan(todo, unchanged, known, new, gone + gone_failures, lost)
+
+
+def check_prune(store: EmbeddingStore, p: Plan, root: Path) -> None:
+    """Refuse to drop much of a store at once: an unmounted, emptied or half-copied folder looks like that."""
+    total = len(store)
+    if p.lost and (p.lost == total or (p.lost > PRUNE_FREE and p.lost > PRUNE_SHARE * total)):
+        raise TlEmbedError(f"this run would remove {p.lost} of the {total} embeddings in {store.path} "
+                           f"(their images are gone from {root} or no longer readable); nothing was changed. "
+                           "If the folder is complete and mounted, run again with --prune to remove them")
 
 
 @dataclass
@@ -68,6 +91,7 @@ class EmbedReport:
     unchanged: int = 0  # includes files whose mtime changed but content did not
     removed: int = 0
     failed: list[Failure] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)  # folders not read; their embeddings kept
     seconds: float = 0.0
     embed_seconds: float = 0.0  # decode + inference only, excluding model loading
     total: int = 0
@@ -94,6 +118,11 @@ class EmbedReport:
             shown = "; ".join(f"{f.path}: {f.reason}" for f in self.failed[:10])
             more = f"; and {len(self.failed) - 10} more (`tl-embed info`)" if len(self.failed) > 10 else ""
             msg += f" Failed: {shown}{more}."
+        if self.unreadable:
+            shown = "; ".join(f"{k}: {v}" for k, v in list(self.unreadable.items())[:10])
+            more = f"; and {len(self.unreadable) - 10} more" if len(self.unreadable) > 10 else ""
+            msg += (f" Could not read {len(self.unreadable)} folder(s) or link(s) (anything the store holds "
+                    f"under them is kept): {shown}{more}.")
         return msg
 
 
@@ -101,8 +130,12 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
                  weights: str = "imagenet", pooling: str = "avg", layer: str | None = None,
                  preprocess: str | None = None, dtype: str = "float32", batch_size: int = 64,
                  workers: int | None = None, runtime: str = "auto", progress: bool = True,
-                 loader: Callable[..., LoadedBackbone] = load_backbone) -> EmbedReport:
-    """Bring the store at ``out`` up to date with the image folder ``images``."""
+                 loader: Callable[..., LoadedBackbone] = load_backbone, prune: bool = False) -> EmbedReport:
+    """Bring the store at ``out`` up to date with the image folder ``images``.
+
+    ``prune`` allows removing more than :data:`PRUNE_FREE` and :data:`PRUNE_SHARE` of the store (or all
+    of it) when images are gone; without it such a run is refused before anything changes.
+    """
     t0 = time.perf_counter()
     if batch_size < 1:
         raise TlEmbedError("--batch-size must be at least 1")
@@ -110,43 +143,40 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
         raise TlEmbedError("--workers must be at least 1")
     check_model_options(model, layer, preprocess)  # bad names and options fail before any scanning
     root = Path(images).expanduser().resolve()
-    files = scan(root)
     out = Path(out)
-    report = EmbedReport(out, None)
-    store = _open_existing(out, report) if (out / MANIFEST).exists() else None
+    exists = (out / MANIFEST).exists()
+    _check_root(root, out if exists else None)
+    found = scan(root)
+    report = EmbedReport(out, None, unreadable=dict(found.unreadable))
+    store = _open_existing(out, report) if exists else None
     try:
         if store is not None:
             report.spec = store.spec
             _check_same_source(store, root, model, pooling)
-        p = plan(files, store)
-        if store is not None and not store.writable and (p.todo or p.deleted):
+        p = plan(found, store)
+        if store is None and not p.todo:
+            raise TlEmbedError(_nothing_found(root, found))
+        if store is not None and not prune:
+            check_prune(store, p, root)
+        if store is not None and not store.writable and (p.todo or p.deleted or p.new_failures):
             raise StoreReadOnlyError(f"store {out} is read-only, and {len(p.todo)} new or changed and "
                                      f"{len(p.deleted)} deleted image(s) would change it; copy it somewhere "
                                      "writable or use a new --out")
         report.unchanged, report.failed = p.unchanged, list(p.known_failures)
         if store is not None and p.deleted:
             report.removed = store.remove(p.deleted)
+        backbone = None
         if p.todo:
             backbone = loader(model, weights=weights, pooling=pooling, layer=layer, preprocess=preprocess)
             if store is None:
-                if not files:
-                    raise TlEmbedError(f"no images found under {root} "
-                                       "(jpg, jpeg, png, bmp, gif, webp, tif, tiff)")
                 store = EmbeddingStore.create(out, backbone.spec, dtype=dtype, root=root)
             else:
                 check_compatible(store.spec, backbone.spec, f"store {out}")
-            report.spec = backbone.spec
-            run = make_runtime(backbone, runtime)
-            report.runtime = run.name
-            t_embed = time.perf_counter()
-            try:
-                _embed_files(p.todo, store, run, backbone.spec.input_size, batch_size,
-                             workers or cpu_count(), report, progress)
-            except KeyboardInterrupt:
-                report.interrupted = True
-            report.embed_seconds = time.perf_counter() - t_embed
-        elif store is None:
-            raise TlEmbedError(f"no images found under {root} (jpg, jpeg, png, bmp, gif, webp, tif, tiff)")
+        if p.new_failures:
+            store.record_failures(p.new_failures)
+            report.failed.extend(p.new_failures)
+        if backbone is not None:
+            _run(p.todo, store, backbone, runtime, batch_size, workers, report, progress)
         if not report.interrupted and store.writable:
             store.compact()
         store.refresh()
@@ -169,6 +199,39 @@ def _open_existing(out: Path, report: EmbedReport) -> EmbeddingStore:
             raise
     report.repaired = EmbeddingStore.repair(out)
     return EmbeddingStore.open(out, "a")
+
+
+def _check_root(root: Path, store: Path | None) -> None:
+    """A missing folder is an error, never "every image was deleted"; its path must fit the manifest."""
+    if not root.is_dir():
+        kept = f"; store {store} was not changed" if store else ""
+        raise TlEmbedError(f"image folder {root} does not exist or is not a folder "
+                           f"(moved, renamed or not mounted?){kept}")
+    if not is_utf8(str(root)):
+        raise TlEmbedError(f"the image folder's path {root} is not valid UTF-8; rename it")
+
+
+def _nothing_found(root: Path, found: Scan) -> str:
+    msg = f"no images found under {root} ({FORMATS})"
+    if found.failures:
+        f = found.failures[0]
+        msg += f"; {len(found.failures)} could not be read, e.g. {f.path}: {f.reason}"
+    return msg
+
+
+def _run(todo: list[ImageFile], store: EmbeddingStore, backbone: LoadedBackbone, runtime: str, batch_size: int,
+         workers: int | None, report: EmbedReport, progress: bool) -> None:
+    """Embed ``todo`` into ``store``; Ctrl-C ends the run early, keeping every committed batch."""
+    report.spec = backbone.spec
+    run = make_runtime(backbone, runtime)
+    report.runtime = run.name
+    t_embed = time.perf_counter()
+    try:
+        _embed_files(todo, store, run, backbone.spec.input_size, batch_size, workers or cpu_count(), report,
+                     progress)
+    except KeyboardInterrupt:
+        report.interrupted = True
+    report.embed_seconds = time.perf_counter() - t_embed
 
 
 def _check_same_source(store: EmbeddingStore, root: Path, model: str, pooling: str) -> None:

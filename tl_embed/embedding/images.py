@@ -1,20 +1,25 @@
 """Image file -> RGB uint8 array of the backbone's input size.
 
-Every way a real photo folder can be odd (EXIF rotation, palette/alpha/CMYK/16-bit modes, truncated
-or empty files, decompression bombs) ends either in a correct RGB array or in an
-:class:`ImageDecodeError` with a short reason; nothing here crashes a batch run.
+Every way a real photo folder can be odd (EXIF rotation or corrupt EXIF, palette/alpha/CMYK/16-bit
+modes, truncated or empty files, decompression bombs, pipes or devices named like images) ends either
+in a correct RGB array or in an :class:`ImageDecodeError` with a short reason; nothing here crashes
+or blocks a batch run.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
+import stat
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MAX_PIXELS = 250_000_000  # larger than any camera; a bigger header is a decompression bomb
@@ -25,6 +30,14 @@ BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 # 100 MP camera files); Pillow keeps a hard stop for formats whose size we cannot see up front.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# Corrupt EXIF is common in camera and phone files; we ignore it (see exif_orientation), so do its warnings.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+              7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}  # EXIF orientation -> undo it
+_FILE_KINDS = {stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
 
 
 class ImageDecodeError(Exception):
@@ -47,12 +60,44 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
+def not_regular_reason(mode: int) -> str:
+    return f"not a regular file ({_FILE_KINDS.get(stat.S_IFMT(mode), 'a special file')})"
+
+
+def os_error_reason(e: OSError) -> str:
+    """One line for why a file or folder could not be opened."""
+    if e.errno == errno.ELOOP:
+        return "symlink loop (the link leads back to itself)"
+    if e.errno == errno.ENOENT:
+        return "missing (a broken link, or deleted during the run)"
+    return f"unreadable: {e.strerror or e}"
+
+
+def read_regular_file(path: str | Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file; a pipe or device is refused, never waited on.
+
+    The scan checked the type already; this catches a file swapped for a pipe since then.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ImageDecodeError(os_error_reason(e)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageDecodeError(not_regular_reason(mode))
+        os.set_blocking(fd, True)
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        raise ImageDecodeError(os_error_reason(e)) from None
+    finally:
+        os.close(fd)
+
+
 def load_image(path: str | Path, size: int) -> DecodedImage:
     """Read, hash and decode ``path`` into a ``size`` x ``size`` RGB array (bilinear, no crop)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ImageDecodeError(f"unreadable: {e.strerror or e}") from None
+    data = read_regular_file(path)
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     pixels, width, height = decode_bytes(data, size)
@@ -70,23 +115,37 @@ def decode_bytes(data: bytes, size: int) -> tuple[np.ndarray, int, int]:
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: several times faster for big photos.
                 img.draft("RGB", (size, size))
             img.load()
-            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
-            if orientation in (5, 6, 7, 8):  # rotated 90 degrees
+            if exif_orientation(img) in (5, 6, 7, 8):  # rotated 90 degrees
                 w, h = h, w
-            rgb = to_rgb(ImageOps.exif_transpose(img) if orientation != 1 else img)  # no copy when upright
+            rgb = to_rgb(upright(img))
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"too large: {e}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         msg = str(e)
         reason = "truncated" if "truncated" in msg.lower() else "corrupt"
         raise ImageDecodeError(f"{reason}: {msg}") from None
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
     return np.asarray(rgb, dtype=np.uint8), w, h
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as a viewer shows it (EXIF orientation applied); the same object when already upright."""
+    orientation = exif_orientation(img)
+    return img.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else img
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1 = upright), or 1 when the EXIF block is unreadable: the pixels still are."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+        return orientation if orientation in _TRANSPOSE else 1
+    except Exception:  # Pillow's EXIF parser raises many types on garbage; none matters here
+        return 1
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

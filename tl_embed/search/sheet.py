@@ -7,9 +7,9 @@ import html
 import io
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ..embedding.images import to_rgb
+from ..embedding.images import to_rgb, upright
 from ..files import atomic_write
 
 
@@ -18,7 +18,7 @@ def thumbnail_uri(path: Path, size: int = 160) -> str:
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))
-            thumb = to_rgb(ImageOps.exif_transpose(im))
+            thumb = to_rgb(upright(im)).copy()  # a copy outlives the file
             thumb.thumbnail((size, size))
     except (OSError, ValueError, SyntaxError):
         return ""
