@@ -83,3 +83,80 @@ def test_failures_and_export(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "e.npy")[1], [4, 5, 6, 7])
     lines = (tmp_path / "e.csv").read_text().splitlines()
     assert lines[0].startswith("row,path,label") and lines[2].startswith("1,b.jpg,a")
+
+
+def _shard_files(path):
+    return {p.name: p.stat().st_ino for p in (path / "shards").glob("*.npy")}
+
+
+@pytest.fixture
+def large_store_rules(monkeypatch):
+    """Treat every store as 'large', so the size-tiered rules apply to a small test store."""
+    from tl_embed.embedding import store as store_mod
+
+    monkeypatch.setattr(store_mod, "CONSOLIDATE_BYTES", 0)
+    return store_mod
+
+
+def test_adding_to_a_large_store_leaves_its_big_shard_alone(tmp_path, large_store_rules):
+    path = tmp_path / "s.tle"
+    big = np.random.default_rng(0).normal(size=(5000, 4)).astype(np.float32)
+    with EmbeddingStore.create(path, SPEC) as s:
+        s.add(rows([f"{i:05d}.jpg" for i in range(5000)]), big)
+        s.consolidate()
+    before = _shard_files(path)
+    with EmbeddingStore.open(path, "a") as s:
+        for b in range(20):  # a run of 20 batches of 8
+            s.add(rows([f"new_{b}_{i}.jpg" for i in range(8)]), np.full((8, 4), b, np.float32))
+        s.consolidate()
+        assert s._rows_cache is None, "adding and consolidating must not read every row"
+    after = _shard_files(path)
+    assert set(before) <= set(after) and all(after[n] == ino for n, ino in before.items())  # untouched
+    assert len(after) - len(before) <= 2 * large_store_rules.TIER_FANOUT
+    r = EmbeddingStore.open(path)
+    assert len(r) == 5160
+    np.testing.assert_array_equal(r.embeddings[r.position("03333.jpg")], big[3333])
+    np.testing.assert_array_equal(r.embeddings[r.position("new_7_3.jpg")], [7, 7, 7, 7])
+    r.close()
+
+
+def test_tiers_merge_once_full(tmp_path, large_store_rules):
+    fan = large_store_rules.TIER_FANOUT
+    with EmbeddingStore.create(tmp_path / "s.tle", SPEC) as s:
+        for b in range(fan - 1):
+            s.add(rows([f"{b}_{i}.jpg" for i in range(10)]), np.full((10, 4), b, np.float32))
+        s.consolidate()
+        assert s.summary()["shards"] == fan - 1  # not full yet: nothing rewritten
+        s.add(rows([f"last_{i}.jpg" for i in range(10)]), np.ones((10, 4)))
+        s.consolidate()
+        assert s.summary()["shards"] == 1 and len(s) == 10 * fan
+
+
+def test_a_mostly_deleted_shard_is_rewritten_alone(tmp_path, large_store_rules):
+    path = tmp_path / "s.tle"
+    with EmbeddingStore.create(path, SPEC) as s:
+        s.add(rows([f"a{i}.jpg" for i in range(100)]), np.arange(400, dtype=np.float32).reshape(100, 4))
+        s.add(rows([f"b{i}.jpg" for i in range(100)]), np.ones((100, 4)))
+        s.consolidate()
+        keep = _shard_files(path)
+        s.remove([f"a{i}.jpg" for i in range(60)])
+        s.consolidate()
+        files = _shard_files(path)
+        assert len(files) == 2 and sorted(keep)[1] in files  # the b shard was not rewritten
+        sizes = sorted(np.load(path / "shards" / f, mmap_mode="r").shape[0] for f in files)
+        assert sizes == [40, 100]
+        np.testing.assert_array_equal(s.embeddings[s.position("a75.jpg")], [300, 301, 302, 303])
+
+
+def test_iter_chunks_covers_every_row_in_order_with_bounded_chunks(tmp_path):
+    with EmbeddingStore.create(tmp_path / "s.tle", SPEC) as s:
+        for b in range(5):
+            s.add(rows([f"{b}_{i}.jpg" for i in range(7)]), np.random.default_rng(b).normal(size=(7, 4)))
+        s.refresh()
+        chunks = list(s.iter_chunks(rows=3))
+        assert max(len(v) for _, _, v in chunks) <= 3
+        assert [start for start, _, _ in chunks] == list(np.cumsum([0] + [len(v) for _, _, v in chunks[:-1]]))
+        np.testing.assert_array_equal(np.concatenate([v for _, _, v in chunks]), s.embeddings)
+        np.testing.assert_array_equal(np.concatenate([i for _, i, _ in chunks]), s.ids)
+        s.consolidate()  # small store: one shard, one memory map
+        assert isinstance(s.embeddings, np.memmap) and s.summary()["shards"] == 1

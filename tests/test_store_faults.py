@@ -162,14 +162,14 @@ import os, sys
 from pathlib import Path
 from tl_embed.embedding import store as m
 point = sys.argv[2]
-if point == "after-new-shard":
-    real = m.EmbeddingStore._write_shard
-    def write_then_die(self, v):
-        real(self, v)
-        os._exit(9)
-    m.EmbeddingStore._write_shard = write_then_die
+real_replace, real_unlink = m.EmbeddingStore._replace_shards, Path.unlink
+if point == "after-new-shard":  # the merged shard is durable, the manifest not yet repointed
+    m.EmbeddingStore._replace_shards = lambda *a, **k: os._exit(9)
 else:  # after the commit, before the old shards are unlinked
-    Path.unlink = lambda self, missing_ok=False: os._exit(9)
+    def replace_then_die(self, *a, **k):
+        Path.unlink = lambda self, missing_ok=False: os._exit(9)
+        real_replace(self, *a, **k)
+    m.EmbeddingStore._replace_shards = replace_then_die
 with m.EmbeddingStore.open(sys.argv[1], "a") as s:
     s.compact()
 """

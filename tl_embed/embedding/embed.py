@@ -178,7 +178,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
         if backbone is not None:
             _run(p.todo, store, backbone, runtime, batch_size, workers, report, progress)
         if not report.interrupted and store.writable:
-            store.compact()
+            store.consolidate()
         store.refresh()
         report.total = len(store)
     finally:
@@ -282,6 +282,7 @@ def _embed_files(todo: list[ImageFile], store: EmbeddingStore, run: Runtime, siz
                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
     failures: list[Failure] = []
     touched: list[tuple[str, int, int]] = []
+    previous = {f.rel: row for f in todo if (row := store.row_for(f.rel))}  # read once, not after every commit
 
     def record_skipped() -> None:
         """Failures and touched-but-unchanged files, committed together rather than one by one."""
@@ -301,7 +302,7 @@ def _embed_files(todo: list[ImageFile], store: EmbeddingStore, run: Runtime, siz
             if isinstance(result, ImageDecodeError):
                 failures.append(Failure(f.rel, result.reason, f.size, f.mtime_ns))
                 continue
-            old = store.row_for(f.rel)
+            old = previous.get(f.rel)
             if old and old.sha256 == result.sha256 and (old.label, old.split) == (f.label, f.split):
                 touched.append((f.rel, f.size, f.mtime_ns))  # touched, not changed
                 continue

@@ -24,12 +24,13 @@ import csv
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,9 @@ from .backbones import BackboneSpec
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16")
 MANIFEST = "manifest.sqlite"
+CONSOLIDATE_BYTES = 256 * 2**20  # stores up to this size are kept as one shard (one memory map)
+TIER_FANOUT = 8  # larger stores merge 8 shards of a size tier into one
+GARBAGE_SHARE = 0.5  # a shard with fewer live rows than this share of its rows is rewritten
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -219,10 +223,12 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------- read side
     def _load(self, attempts: int = 5) -> None:
-        """Read the manifest and map the shards it references (one consistent snapshot).
+        """Take a fresh manifest snapshot and map the shards it references.
 
-        A reader can lose the race with a compacting writer (the snapshot names a shard the writer has
-        just unlinked): it then takes a fresh snapshot, which names the new shard.
+        Only the shard table is read here; rows are read on first use, so opening a store of millions
+        of rows to add a few images costs O(shards), not O(rows).  A reader can lose the race with a
+        compacting writer (the snapshot names a shard the writer has just unlinked): it then takes a
+        fresh snapshot, which names the new shard.
         """
         for attempt in range(attempts):
             try:
@@ -239,34 +245,36 @@ class EmbeddingStore:
             if self._lock_fd is None:  # reader: start a fresh snapshot transaction
                 self._conn.execute("COMMIT")
                 self._conn.execute("BEGIN")
-            rows = self._conn.execute(
-                "SELECT path, label, split, sha256, size, mtime_ns, width, height, shard, row, id "
-                "FROM items ORDER BY shard, row").fetchall()
             shard_files = self._conn.execute("SELECT id, file, rows FROM shards").fetchall()
+            self._count = self._conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
         except sqlite3.DatabaseError as e:
             raise StoreDamagedError(self.path, f"its manifest cannot be read ({e})") from None
         self._shards = {sid: self._map_shard(f, n) for sid, f, n in shard_files}
-        self._rows: list[ManifestRow] = [ManifestRow(*r[:8]) for r in rows]
-        self._locations = np.array([(r[8], r[9]) for r in rows], dtype=np.int64).reshape(-1, 2)
-        self._ids = np.array([r[10] for r in rows], dtype=np.int64)
-        bad = self._rows_outside_shards()
-        if len(bad):
-            raise StoreDamagedError(self.path, f"{len(bad)} manifest row(s) point outside their shard "
-                                    f"(first: {rows[bad[0]][0]})", repairable=True)
+        self._positions: tuple[np.ndarray, np.ndarray] | None = None  # (locations N x 2, ids)
+        self._rows_cache: list[ManifestRow] | None = None
+        self._index: dict[str, int] | None = None
         self._embeddings: np.ndarray | None = None
-        self._index = {r.path: i for i, r in enumerate(self._rows)}
         self._dirty = False
 
-    def _rows_outside_shards(self) -> np.ndarray:
-        """Positions of manifest rows whose (shard, row) is not in a mapped shard."""
-        loc = self._locations
-        if not len(loc):
-            return np.zeros(0, dtype=np.int64)
-        limit = np.zeros(int(loc[:, 0].max()) + 1, dtype=np.int64)
-        for sid, arr in self._shards.items():
-            if 0 <= sid < len(limit):
-                limit[sid] = len(arr)
-        return np.flatnonzero((loc[:, 0] < 0) | (loc[:, 1] < 0) | (loc[:, 1] >= limit[np.maximum(loc[:, 0], 0)]))
+    def _query(self, sql: str) -> list[tuple]:
+        try:
+            return self._conn.execute(sql).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise StoreDamagedError(self.path, f"its manifest cannot be read ({e})") from None
+
+    def _located(self) -> tuple[np.ndarray, np.ndarray]:
+        """(N x 2 (shard, row) locations, N ids) in manifest order, read once per snapshot as arrays."""
+        self._view()
+        if self._positions is None:
+            flat = np.array(self._query("SELECT shard, row, id FROM items ORDER BY shard, row"),
+                            dtype=np.int64).reshape(-1, 3)
+            locations, ids = np.ascontiguousarray(flat[:, :2]), np.ascontiguousarray(flat[:, 2])
+            bad = _rows_outside(locations, {sid: len(a) for sid, a in self._shards.items()})
+            if len(bad):
+                raise StoreDamagedError(self.path, f"{len(bad)} manifest row(s) point outside their shard "
+                                        f"(first: item id {ids[bad[0]]})", repairable=True)
+            self._positions = (locations, ids)
+        return self._positions
 
     def _map_shard(self, name: str, rows: int) -> np.ndarray:
         """Memory-map one shard, checking it is the rows x dim array the manifest says."""
@@ -289,12 +297,17 @@ class EmbeddingStore:
 
     @property
     def rows(self) -> list[ManifestRow]:
-        """Manifest rows, aligned with :attr:`embeddings`."""
+        """Manifest rows, aligned with :attr:`embeddings` (read on first use)."""
         self._view()
-        return self._rows
+        if self._rows_cache is None:
+            self._located()  # checks the rows against their shards first
+            self._rows_cache = [ManifestRow(*r) for r in self._query(
+                "SELECT path, label, split, sha256, size, mtime_ns, width, height FROM items ORDER BY shard, row")]
+        return self._rows_cache
 
     def __len__(self) -> int:
-        return len(self.rows)
+        self._view()
+        return self._count
 
     @property
     def dim(self) -> int:
@@ -302,32 +315,50 @@ class EmbeddingStore:
 
     @property
     def embeddings(self) -> np.ndarray:
-        """N x D array aligned with :attr:`rows`; memory-mapped when the store is compacted."""
+        """N x D array aligned with :attr:`rows`.
+
+        A zero-copy memory map when the store is one shard in manifest order (what ``embed`` leaves
+        for stores up to :data:`CONSOLIDATE_BYTES`); otherwise the shards are gathered into one array
+        in RAM.  For large stores use :meth:`iter_chunks`, which never holds more than one chunk.
+        """
         self._view()
         if self._embeddings is None:
             self._embeddings = self._assemble()
         return self._embeddings
 
     def _assemble(self) -> np.ndarray:
-        if not self.rows:
+        locations, _ = self._located()
+        if not len(locations):
             return np.zeros((0, self.dim), dtype=self.dtype)
-        sids = np.unique(self._locations[:, 0])
+        sids = np.unique(locations[:, 0])
         if len(sids) == 1:
             shard = self._shards[int(sids[0])]
-            rows = self._locations[:, 1]
+            rows = locations[:, 1]
             if len(rows) == len(shard) and np.array_equal(rows, np.arange(len(shard))):
                 return shard  # the compacted case: zero-copy memory map
-        out = np.empty((len(self.rows), self.dim), dtype=self.dtype)
-        for sid in sids:
-            mask = self._locations[:, 0] == sid
-            out[mask] = self._shards[int(sid)][self._locations[mask, 1]]
+        out = np.empty((len(locations), self.dim), dtype=self.dtype)
+        for start, _, chunk in self.iter_chunks():
+            out[start:start + len(chunk)] = chunk
         return out
+
+    def iter_chunks(self, rows: int = 65_536) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(start position, ids, vectors) for consecutive runs of at most ``rows`` rows, in manifest order.
+
+        Memory stays at one chunk (``rows`` x D) whatever the store's size: index builds and heads
+        read large stores this way.
+        """
+        locations, ids = self._located()
+        start = 0
+        while start < len(locations):
+            sid = locations[start, 0]
+            end = min(start + rows, int(np.searchsorted(locations[:, 0], sid, side="right")))
+            yield start, ids[start:end], np.asarray(self._shards[int(sid)][locations[start:end, 1]])
+            start = end
 
     @property
     def ids(self) -> np.ndarray:
         """Stable int64 id per row (changes only when the image is re-embedded); for FAISS IDMap."""
-        self._view()
-        return self._ids
+        return self._located()[1]
 
     @property
     def paths(self) -> np.ndarray:
@@ -346,12 +377,14 @@ class EmbeddingStore:
 
     def position(self, rel: str) -> int | None:
         """Row number of an image (relative path) or None."""
-        self._view()
+        rows = self.rows
+        if self._index is None:
+            self._index = {r.path: i for i, r in enumerate(rows)}
         return self._index.get(rel)
 
     def row_for(self, rel: str) -> ManifestRow | None:
         i = self.position(rel)
-        return None if i is None else self._rows[i]
+        return None if i is None else self.rows[i]
 
     @property
     def failures(self) -> list[Failure]:
@@ -370,7 +403,7 @@ class EmbeddingStore:
         for r in self.rows:
             labels[r.label or "(none)"] = labels.get(r.label or "(none)", 0) + 1
             splits[r.split or "(none)"] = splits.get(r.split or "(none)", 0) + 1
-        n_shards = len(np.unique(self._locations[:, 0])) if len(self) else 0
+        n_shards = len(np.unique(self._located()[0][:, 0])) if len(self) else 0
         return {"images": len(self), "failed": len(self.failures), "labels": labels,
                 "splits": splits, "shards": n_shards, "dtype": str(self.dtype),
                 "bytes": sum(f.stat().st_size for f in (self.path / "shards").glob("*.npy"))}
@@ -454,41 +487,105 @@ class EmbeddingStore:
             self._conn.executemany("DELETE FROM items WHERE path = ?", [(f.path,) for f in failures])
         self._dirty = True
 
-    def compact(self) -> None:
-        """Rewrite the live rows into one shard, in manifest order, and drop the old shards.
+    def consolidate(self) -> None:
+        """Keep reads fast after a run, at a cost that grows with what changed, not with the store.
 
-        The new shard is durable before the transaction that repoints every row commits; old files
-        are unlinked afterwards (a crash in between leaves orphans the next writer deletes).
+        Stores up to :data:`CONSOLIDATE_BYTES` are compacted into one shard (a zero-copy memory map).
+        Larger ones are merged size-tiered: shards whose live rows fall in the same power-of-
+        :data:`TIER_FANOUT` tier are merged once :data:`TIER_FANOUT` of them exist, and a shard that is
+        mostly garbage (deleted or replaced rows) is rewritten alone.  So adding k images to a store of
+        N rows writes O(k) bytes most of the time (each row is rewritten about log(N) times over its
+        life), and every merge streams chunk by chunk: memory stays bounded whatever N is.
         """
         self._require_writer()
-        n_shards, n_rows = self._conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(rows), 0) FROM shards").fetchone()
-        if n_shards <= 1 and n_rows == len(self):
-            return  # already one shard holding exactly the live rows
-        vectors = np.ascontiguousarray(self.embeddings)
-        ids = [r[0] for r in self._conn.execute("SELECT id FROM items ORDER BY shard, row")]
-        old = list(self._conn.execute("SELECT id, file FROM shards"))
-        sid, name = self._write_shard(vectors) if len(ids) else (None, None)
+        while (group := self._next_merge()) is not None:
+            self._merge(group)
+
+    def _next_merge(self) -> list[int] | None:
+        """The shards :meth:`consolidate` should merge next, or None when the store is in shape."""
+        live = dict(self._query("SELECT shard, COUNT(*) FROM items GROUP BY shard"))
+        shards = self._query("SELECT id, rows FROM shards ORDER BY id")
+        empty = [sid for sid, _ in shards if sid not in live]
+        if empty:  # shards whose rows were all deleted or replaced
+            return empty
+        if sum(live.values()) * self.dim * self.dtype.itemsize <= CONSOLIDATE_BYTES:
+            whole = len(shards) > 1 or any(live[sid] < n for sid, n in shards)
+            return [sid for sid, _ in shards] if whole else None
+        for sid, n in shards:
+            if live[sid] < GARBAGE_SHARE * n:
+                return [sid]
+        tiers: dict[int, list[int]] = {}
+        for sid, _ in shards:
+            tiers.setdefault(int(math.log(max(live[sid], 1), TIER_FANOUT)), []).append(sid)
+        return next((group for group in tiers.values() if len(group) >= TIER_FANOUT), None)
+
+    def compact(self) -> None:
+        """Rewrite all live rows into one shard, in manifest order, streaming (bounded memory)."""
+        self._require_writer()
+        shards = self._query("SELECT id, rows FROM shards")
+        if len(shards) > 1 or (shards and shards[0][1] != len(self)):
+            self._merge([sid for sid, _ in shards])
+
+    def _merge(self, sids: list[int], chunk: int = 16_384) -> None:
+        """Copy the live rows of ``sids`` into one new shard, repoint them, then drop the old shards.
+
+        The new shard is durable before the transaction that repoints its rows commits; old files are
+        unlinked afterwards (a crash in between leaves orphans the next writer deletes), and a reader
+        whose snapshot still names them retries on a fresh snapshot.
+        """
+        self._view()  # map the shards this writer has just added
+        placeholders = ",".join("?" * len(sids))
+        items = np.array(self._conn.execute(
+            f"SELECT id, shard, row FROM items WHERE shard IN ({placeholders}) ORDER BY shard, row", sids
+        ).fetchall(), dtype=np.int64).reshape(-1, 3)
+        if not len(items):
+            self._replace_shards(sids, [])
+            return
+        sid, name = self._next_shard()
+        target = self.path / "shards" / name
+        tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=(len(items), self.dim))
+            for start in range(0, len(items), chunk):
+                part = items[start:start + chunk]
+                for src in np.unique(part[:, 1]):
+                    rows = part[:, 1] == src
+                    out[start + np.flatnonzero(rows)] = self._shards[int(src)][part[rows, 2]]
+            out.flush()
+            del out
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._replace_shards(sids, [(sid, name, len(items))],
+                             [(sid, i, int(item)) for i, item in enumerate(items[:, 0])])
+
+    def _replace_shards(self, old: list[int], new: list[tuple[int, str, int]],
+                        repoint: list[tuple[int, int, int]] = ()) -> None:
+        """One transaction: add ``new`` shards, repoint items (shard, row, id), forget ``old``; then unlink."""
+        files = [f for sid in old for (f,) in self._conn.execute("SELECT file FROM shards WHERE id = ?", (sid,))]
         with self._conn:
-            self._conn.execute("DELETE FROM shards")
-            if sid is not None:
-                self._conn.execute("INSERT INTO shards (id, file, rows) VALUES (?, ?, ?)",
-                                   (sid, name, len(ids)))
-                self._conn.executemany("UPDATE items SET shard = ?, row = ? WHERE id = ?",
-                                       [(sid, i, item) for i, item in enumerate(ids)])
-        for _, f in old:
+            self._conn.executemany("INSERT INTO shards (id, file, rows) VALUES (?, ?, ?)", new)
+            self._conn.executemany("UPDATE items SET shard = ?, row = ? WHERE id = ?", repoint)
+            self._conn.executemany("DELETE FROM shards WHERE id = ?", [(s,) for s in old])
+        for f in files:
             (self.path / "shards" / f).unlink(missing_ok=True)
-        self.refresh()
+        self._load()
 
     def refresh(self) -> None:
         """Re-read the manifest (after writes, or to see another writer's commits)."""
         self._load()
 
-    def _write_shard(self, vectors: np.ndarray) -> tuple[int, str]:
+    def _next_shard(self) -> tuple[int, str]:
         row = self._conn.execute("SELECT MAX(id) FROM shards").fetchone()[0]
         on_disk = [int(p.stem) for p in (self.path / "shards").glob("*.npy") if p.stem.isdigit()]
         sid = max([row or 0, *on_disk]) + 1
-        name = f"{sid:08d}.npy"
+        return sid, f"{sid:08d}.npy"
+
+    def _write_shard(self, vectors: np.ndarray) -> tuple[int, str]:
+        sid, name = self._next_shard()
         atomic_write(self.path / "shards" / name, lambda f: np.save(f, vectors))
         return sid, name
 
@@ -529,6 +626,18 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
             raise StoreReadOnlyError(f"store {path.parent} is read-only ({e}); it can be read but not "
                                      "changed") from None
         raise StoreDamagedError(path.parent, f"its manifest cannot be opened ({e})") from None
+
+
+def _rows_outside(locations: np.ndarray, shard_rows: dict[int, int]) -> np.ndarray:
+    """Positions of (shard, row) locations that fall outside the shards' sizes (or name no shard)."""
+    if not len(locations):
+        return np.zeros(0, dtype=np.int64)
+    limit = np.zeros(int(max(locations[:, 0].max(), 0)) + 1, dtype=np.int64)
+    for sid, n in shard_rows.items():
+        if 0 <= sid < len(limit):
+            limit[sid] = n
+    sids = np.maximum(locations[:, 0], 0)
+    return np.flatnonzero((locations[:, 0] < 0) | (locations[:, 1] < 0) | (locations[:, 1] >= limit[sids]))
 
 
 def _shard_ok(file: Path, rows: int, dim: int) -> bool:
