@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS items (
     width INTEGER NOT NULL, height INTEGER NOT NULL,
     shard INTEGER NOT NULL REFERENCES shards(id), row INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS items_by_shard ON items (shard, row);
 CREATE TABLE IF NOT EXISTS failures (
     path TEXT PRIMARY KEY, reason TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL
 );
@@ -172,6 +173,8 @@ class EmbeddingStore:
             raise
         if mode == "a":
             store._remove_orphan_files()
+            with store._conn:  # stores made before the index existed get it on their first write
+                store._conn.execute("CREATE INDEX IF NOT EXISTS items_by_shard ON items (shard, row)")
         return store
 
     @classmethod
@@ -403,7 +406,7 @@ class EmbeddingStore:
         for r in self.rows:
             labels[r.label or "(none)"] = labels.get(r.label or "(none)", 0) + 1
             splits[r.split or "(none)"] = splits.get(r.split or "(none)", 0) + 1
-        n_shards = len(np.unique(self._located()[0][:, 0])) if len(self) else 0
+        n_shards = self._conn.execute("SELECT COUNT(*) FROM shards").fetchone()[0]
         return {"images": len(self), "failed": len(self.failures), "labels": labels,
                 "splits": splits, "shards": n_shards, "dtype": str(self.dtype),
                 "bytes": sum(f.stat().st_size for f in (self.path / "shards").glob("*.npy"))}
