@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,9 +102,25 @@ def test_cli_train_predict_evaluate(tmp_path, image_folder, tiny_model, capsys):
     assert main(["predict", model, str(image_folder / "red"), "--format", "json", "--top-k", "2"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 6 and all(r["label"] == "red" and len(r["top"]) == 2 for r in rows)
-    assert main(["predict", model, str(image_folder / "red"), "--min-confidence", "1.01",
-                 "--format", "csv"]) == 0
-    assert capsys.readouterr().out.count(",unknown,") == 6
+    # --min-confidence: a vector halfway between the red and green means gets an unsure answer
+    linear = str(tmp_path / "linear.tlh")
+    assert main(["train", store, "--out", linear, "--test-size", "0.34"]) == 0
+    with EmbeddingStore.open(store) as s:
+        x, labels = np.asarray(s.embeddings), s.labels
+        red, green = x[labels == "red"].mean(0), x[labels == "green"].mean(0)
+        mid = tmp_path / "mid.tle"
+        with EmbeddingStore.create(mid, s.spec) as m:
+            m.add([ManifestRow(n, None, None, n, 1, 1, 1, 1) for n in ("mid", "red")],
+                  np.stack([(red + green) / 2, red]))
+    capsys.readouterr()
+    assert main(["predict", linear, str(mid), "--format", "json"]) == 0
+    answers = {Path(r["path"]).name: r for r in json.loads(capsys.readouterr().out)}
+    unsure, sure = answers["mid"]["confidence"], answers["red"]["confidence"]
+    assert unsure < sure and answers["red"]["label"] == "red"
+    threshold = str((unsure + sure) / 2)
+    assert main(["predict", linear, str(mid), "--min-confidence", threshold, "--format", "json"]) == 0
+    labelled = {Path(r["path"]).name: r["label"] for r in json.loads(capsys.readouterr().out)}
+    assert labelled == {"mid": "unknown", "red": "red"}
     assert main(["evaluate", model, str(image_folder)]) == 0
     assert "accuracy 100.00%" in capsys.readouterr().out
     assert main(["predict", model, store]) == 0  # straight from a store

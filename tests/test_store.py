@@ -160,3 +160,34 @@ def test_iter_chunks_covers_every_row_in_order_with_bounded_chunks(tmp_path):
         np.testing.assert_array_equal(np.concatenate([i for _, i, _ in chunks]), s.ids)
         s.consolidate()  # small store: one shard, one memory map
         assert isinstance(s.embeddings, np.memmap) and s.summary()["shards"] == 1
+
+
+def test_take_gathers_rows_across_shards(tmp_path):
+    with EmbeddingStore.create(tmp_path / "s.tle", SPEC, dtype="float16") as s:
+        for b in range(3):
+            s.add(rows([f"{b}_{i}.jpg" for i in range(5)]), np.full((5, 4), b + np.arange(5)[:, None] / 10))
+        s.refresh()
+        pick = np.array([0, 4, 5, 9, 14])
+        got = s.take(pick)
+        assert got.dtype == np.float32 and got.shape == (5, 4)
+        np.testing.assert_array_equal(got, np.asarray(s.embeddings, np.float32)[pick])
+        assert s.take(np.array([], dtype=np.int64)).shape == (0, 4)
+
+
+def test_a_store_from_an_earlier_version_is_upgraded_on_its_first_write(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "s.tle"
+    with EmbeddingStore.create(path, SPEC) as s:
+        s.add(rows(["a.jpg", "b.jpg"]), np.ones((2, 4)))
+    conn = sqlite3.connect(path / "manifest.sqlite")  # as tl_embed 0.1 wrote it: no dead counts, no index
+    conn.execute("DROP INDEX items_by_shard")
+    conn.execute("ALTER TABLE shards DROP COLUMN dead")
+    conn.commit()
+    conn.close()
+    with EmbeddingStore.open(path) as r:  # readers need neither
+        assert sorted(r.paths) == ["a.jpg", "b.jpg"]
+    with EmbeddingStore.open(path, "a") as w:
+        w.remove(["a.jpg"])
+        w.consolidate()
+        assert list(w.paths) == ["b.jpg"] and w.summary()["shards"] == 1

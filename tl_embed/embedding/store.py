@@ -8,9 +8,12 @@ Layout of ``NAME.tle/``::
 
 Crash safety comes from ordering: a shard is written to a temp file, fsynced and renamed *before* the
 SQLite transaction that references it commits.  A crash therefore loses at most the batch in flight;
-an orphan shard left behind is deleted by the next writer.  At the end of a write session the live
-rows are compacted into a single shard in manifest order, so :attr:`EmbeddingStore.embeddings` is
-one memory-mapped N x D array.
+an orphan shard left behind is deleted by the next writer.  At the end of a write session
+:meth:`EmbeddingStore.consolidate` tidies the shards at a cost that follows what changed: a store up
+to 256 MB becomes one shard (so :attr:`EmbeddingStore.embeddings` is one memory-mapped N x D array);
+a larger one merges size-tiered and rewrites only shards that are mostly garbage, streaming, so adding
+k images to N costs O(k) and memory stays bounded.  Opening reads only the shard table; rows are read
+on first use, and :meth:`EmbeddingStore.iter_chunks` reads any store in bounded memory.
 
 A new store is built in a hidden temp folder beside its final place and renamed into place, so a folder
 named like a store is always a complete store.  Readers never take the lock: each reads one SQLite
@@ -50,7 +53,8 @@ GARBAGE_SHARE = 0.5  # a shard with fewer live rows than this share of its rows 
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS shards (id INTEGER PRIMARY KEY, file TEXT NOT NULL, rows INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS shards (id INTEGER PRIMARY KEY, file TEXT NOT NULL, rows INTEGER NOT NULL,
+                                   dead INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     path TEXT NOT NULL UNIQUE,
@@ -173,8 +177,7 @@ class EmbeddingStore:
             raise
         if mode == "a":
             store._remove_orphan_files()
-            with store._conn:  # stores made before the index existed get it on their first write
-                store._conn.execute("CREATE INDEX IF NOT EXISTS items_by_shard ON items (shard, row)")
+            store._upgrade_schema()
         return store
 
     @classmethod
@@ -204,6 +207,14 @@ class EmbeddingStore:
                 conn.close()
         finally:
             os.close(lock_fd)
+
+    def _upgrade_schema(self) -> None:
+        """Stores made by an earlier tl_embed get the shard index and dead-row counts on their first write."""
+        columns = {c for _, c, *_ in self._conn.execute("PRAGMA table_info(shards)")}
+        with self._conn:
+            self._conn.execute("CREATE INDEX IF NOT EXISTS items_by_shard ON items (shard, row)")
+            if "dead" not in columns:
+                self._conn.execute("ALTER TABLE shards ADD COLUMN dead INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self._conn.close()
@@ -358,6 +369,18 @@ class EmbeddingStore:
             yield start, ids[start:end], np.asarray(self._shards[int(sid)][locations[start:end, 1]])
             start = end
 
+    def take(self, positions: np.ndarray, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        """The vectors at ``positions`` (sorted row numbers) as one array, gathered chunk by chunk.
+
+        Memory is the result plus one chunk: no N x D copy of the whole store on the way.
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty((len(positions), self.dim), dtype=dtype)
+        for start, _, chunk in self.iter_chunks():
+            lo, hi = np.searchsorted(positions, [start, start + len(chunk)])
+            out[lo:hi] = chunk[positions[lo:hi] - start]
+        return out
+
     @property
     def ids(self) -> np.ndarray:
         """Stable int64 id per row (changes only when the image is re-embedded); for FAISS IDMap."""
@@ -452,7 +475,7 @@ class EmbeddingStore:
         with self._conn:
             self._conn.execute("INSERT INTO shards (id, file, rows) VALUES (?, ?, ?)",
                                (sid, name, len(rows)))
-            self._conn.executemany("DELETE FROM items WHERE path = ?", [(r.path,) for r in rows])
+            self._forget([r.path for r in rows])
             self._conn.executemany("DELETE FROM failures WHERE path = ?", [(r.path,) for r in rows])
             self._conn.executemany(
                 "INSERT INTO items (path, label, split, sha256, size, mtime_ns, width, height, "
@@ -472,23 +495,36 @@ class EmbeddingStore:
     def remove(self, paths: Iterable[str]) -> int:
         """Forget images (and their failure records); returns how many embeddings went."""
         self._require_writer()
-        paths = [(p,) for p in paths]
+        paths = list(paths)
         with self._conn:
-            before = self._conn.total_changes
-            self._conn.executemany("DELETE FROM items WHERE path = ?", paths)
-            removed = self._conn.total_changes - before
-            self._conn.executemany("DELETE FROM failures WHERE path = ?", paths)
+            removed = self._forget(paths)
+            self._conn.executemany("DELETE FROM failures WHERE path = ?", [(p,) for p in paths])
         self._dirty = True
         return removed
 
     def record_failures(self, failures: Iterable[Failure]) -> None:
         self._require_writer()
+        failures = list(failures)
         with self._conn:
             self._conn.executemany("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?)",
                                    [(f.path, f.reason, f.size, f.mtime_ns) for f in failures])
             # a file that used to embed and is now broken must not keep its stale embedding
-            self._conn.executemany("DELETE FROM items WHERE path = ?", [(f.path,) for f in failures])
+            self._forget([f.path for f in failures])
         self._dirty = True
+
+    def _forget(self, paths: list[str]) -> int:
+        """Delete these paths' items inside the caller's transaction, counting each as dead in its shard.
+
+        The dead counts steer :meth:`consolidate` without scanning the manifest; merges re-read the
+        items they move, so a count that is off (a store written by an older tl_embed) costs only a
+        merge at a different time, never a row.
+        """
+        pairs = [(p,) for p in paths]
+        self._conn.executemany("UPDATE shards SET dead = dead + 1 WHERE id = (SELECT shard FROM items WHERE path = ?)",
+                               pairs)
+        before = self._conn.total_changes
+        self._conn.executemany("DELETE FROM items WHERE path = ?", pairs)
+        return self._conn.total_changes - before
 
     def consolidate(self) -> None:
         """Keep reads fast after a run, at a cost that grows with what changed, not with the store.
@@ -506,9 +542,10 @@ class EmbeddingStore:
 
     def _next_merge(self) -> list[int] | None:
         """The shards :meth:`consolidate` should merge next, or None when the store is in shape."""
-        live = dict(self._query("SELECT shard, COUNT(*) FROM items GROUP BY shard"))
-        shards = self._query("SELECT id, rows FROM shards ORDER BY id")
-        empty = [sid for sid, _ in shards if sid not in live]
+        table = self._query("SELECT id, rows, dead FROM shards ORDER BY id")
+        shards = [(sid, n) for sid, n, _ in table]
+        live = {sid: n - dead for sid, n, dead in table}
+        empty = [sid for sid, _ in shards if live[sid] <= 0]
         if empty:  # shards whose rows were all deleted or replaced
             return empty
         if sum(live.values()) * self.dim * self.dtype.itemsize <= CONSOLIDATE_BYTES:

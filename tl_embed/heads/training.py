@@ -69,15 +69,15 @@ def train_from_store(store_path: str | os.PathLike, head: str = "logreg",
             raise TlEmbedError(f"store {store_path} is empty")
         labels, splits = store.labels, store.splits
         tr, te, how = choose_split(labels, splits, test_size, seed)
-        X = np.asarray(store.embeddings, dtype=np.float32)
+        X_tr, X_te = store.take(tr), store.take(te)  # only the labelled rows, chunk by chunk
         spec = store.spec
     if len(tr) == 0:
         raise TlEmbedError(f"store {store_path} has no labelled images (labels are sub-folder names)")
-    fitted, info = fit_head(X[tr], labels[tr].astype(str), spec, head, class_weight, cv, seed)
+    fitted, info = fit_head(X_tr, labels[tr].astype(str), spec, head, class_weight, cv, seed)
     unseen = sorted(set(labels[te].astype(str)) - set(fitted.classes))
     if unseen:
         raise TlEmbedError(f"held-out images have class(es) absent from training: {', '.join(unseen)}")
-    metrics = evaluate_predictions(labels[te].astype(str), fitted.predict(X[te]), fitted.classes)
+    metrics = evaluate_predictions(labels[te].astype(str), fitted.predict(X_te), fitted.classes)
     fitted.metrics = {"held_out": how, **metrics.to_dict(), **info, "n_train": int(len(tr))}
     return TrainResult(fitted, metrics, how, int(len(tr)), info)
 
@@ -88,7 +88,7 @@ def store_features(head: Head, store_path: str | os.PathLike,
     with EmbeddingStore.open(store_path) as store:
         check_compatible(head.spec, store.spec, "the model")
         keep = np.ones(len(store), dtype=bool) if split is None else (store.splits == split)
-        X = np.asarray(store.embeddings, dtype=np.float32)[keep]
+        X = store.take(np.flatnonzero(keep))
         return X, store.labels[keep], [str(store.absolute_path(p)) for p in store.paths[keep]]
 
 
