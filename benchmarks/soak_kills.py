@@ -28,6 +28,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from machine import describe_cpu  # noqa: E402
 
 from tl_embed.embedding.store import EmbeddingStore  # noqa: E402
 
@@ -138,6 +141,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    print(describe_cpu())
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("TL_EMBED_CACHE", str(Path(tmp) / "cache"))
         result = soak(Path(tmp), args.kills, args.images, args.batch_size, args.seed)
