@@ -49,6 +49,7 @@ DTYPES = ("float32", "float16")
 MANIFEST = "manifest.sqlite"
 CONSOLIDATE_BYTES = 256 * 2**20  # stores up to this size are kept as one shard (one memory map)
 TIER_FANOUT = 8  # larger stores merge 8 shards of a size tier into one
+CHUNK_BYTES = 64 * 2**20  # iter_chunks' default chunk
 GARBAGE_SHARE = 0.5  # a shard with fewer live rows than this share of its rows is rewritten
 
 _SCHEMA = """
@@ -355,12 +356,13 @@ class EmbeddingStore:
             out[start:start + len(chunk)] = chunk
         return out
 
-    def iter_chunks(self, rows: int = 65_536) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    def iter_chunks(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(start position, ids, vectors) for consecutive runs of at most ``rows`` rows, in manifest order.
 
-        Memory stays at one chunk (``rows`` x D) whatever the store's size: index builds and heads
-        read large stores this way.
+        Memory stays at one chunk (default: :data:`CHUNK_BYTES` of vectors) whatever the store's size:
+        index builds and heads read large stores this way.
         """
+        rows = rows or max(1024, CHUNK_BYTES // (self.dim * self.dtype.itemsize))
         locations, ids = self._located()
         start = 0
         while start < len(locations):
