@@ -30,6 +30,7 @@ from .runtime import KerasRuntime, OpenVINORuntime, Runtime, check_runtime, cpu_
 from .scan import ImageFile
 from .store import EmbeddingStore, Failure, ManifestRow
 
+ACTORS_START_S = 600  # all actors up before any work (a pool that cannot start is an error, not a hang)
 HEADROOM = 0.25  # CPUs never reserved by actors: Ray Data's own tasks need some, or the dataset hangs (ray#44687)
 
 
@@ -228,6 +229,9 @@ def _stream(ray, todo: list[ImageFile], files: dict[str, ImageFile], store: Embe
             commit(batch, files, store, report)
             report.workers.update(batch["worker"])
             bar.update(len(batch["rel"]))
+    except ray.exceptions.GetTimeoutError:
+        raise TlEmbedError(f"Ray could not start the workers within {ACTORS_START_S} s: the cluster lacks the CPUs "
+                           "or memory; use fewer --workers or a smaller --cpus-per-worker") from None
     finally:
         bar.close()
 
@@ -238,6 +242,7 @@ def dataset(ray, todo: list[ImageFile], shipped: ShippedModel, batch_size: int, 
     ctx.execution_options.preserve_order = True  # the store's rows in the local engine's order
     ctx.enable_progress_bars = False  # ours counts images
     ctx.print_on_execution_start = False
+    ctx.wait_for_min_actors_s = ACTORS_START_S  # every actor gets work, and an unschedulable pool fails
     total = float(ray.cluster_resources().get("CPU", 1))
     workers = options.workers or default_workers(total, options.cpus_per_worker)
     items = [{"path": str(f.path), "rel": f.rel} for f in todo]
