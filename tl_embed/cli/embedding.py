@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .options import add_backbone_options, add_command, add_runtime_option, positive_int
+from ..errors import TlEmbedError
+from .options import add_backbone_options, add_command, add_runtime_option, positive_float, positive_int
 
 
 # ---------------------------------------------------------------- models
@@ -42,8 +43,18 @@ def register_embed(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                    help="storage precision of a new store")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per inference batch and commit")
-    p.add_argument("--workers", type=positive_int, default=None, help="decoding threads (default: CPU cores)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="local engine: decoding threads (default: CPU cores); ray engine: actors "
+                        "(default: the cluster's CPUs / --cpus-per-worker)")
     add_runtime_option(p)
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="'local': this process; 'ray': a pool of Ray actors (pip install \"tl_embed[ray]\"), "
+                        "on a local Ray started for the run or on the cluster at --address")
+    p.add_argument("--address", default=None,
+                   help="ray engine: an existing cluster ('auto', or ray://HOST:10001); the images must be on a "
+                        "filesystem every node sees at the same path")
+    p.add_argument("--cpus-per-worker", type=positive_float, default=1.0,
+                   help="ray engine: CPUs each actor reserves and its inference threads (fractions allowed)")
     p.add_argument("--prune", action="store_true",
                    help="allow removing the embeddings of many vanished images (more than 10 and more than 10%% "
                         "of the store, or all of it); without it such a run is refused, since an unmounted, "
@@ -54,11 +65,16 @@ def register_embed(sub) -> None:
 
 def cmd_embed(args) -> int:
     from ..embedding.embed import embed_folder
+    from ..embedding.ray_engine import RayOptions
 
+    if args.engine != "ray" and (args.address or args.cpus_per_worker != 1.0):
+        raise TlEmbedError("--address and --cpus-per-worker apply only to --engine ray")
+    ray = RayOptions(args.address, args.workers, args.cpus_per_worker)
     report = embed_folder(args.images, args.out, model=args.model, weights=args.weights,
                           pooling=args.pooling, layer=args.layer, preprocess=args.preprocess,
                           dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
-                          runtime=args.runtime, progress=not args.quiet, prune=args.prune)
+                          runtime=args.runtime, progress=not args.quiet, prune=args.prune,
+                          engine=args.engine, ray=ray)
     print(report.text())
     return 130 if report.interrupted else 0
 

@@ -68,6 +68,17 @@ def positive_int(value: str) -> int:
     return n
 
 
+def positive_float(value: str) -> float:
+    """A number above 0 (CPU shares such as --cpus-per-worker 0.5)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {value!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be above 0, not {value}")
+    return x
+
+
 def fraction(value: str) -> float:
     """A number in [0, 1] (probabilities, thresholds, recall)."""
     try:

@@ -28,12 +28,14 @@ from .backbones import (
     load_backbone,
 )
 from .images import DecodedImage, ImageDecodeError, load_image
+from .ray_engine import RayOptions, embed_with_ray
 from .runtime import Runtime, cpu_count, make_runtime, stream
 from .scan import ImageFile, Scan, is_utf8, scan
 from .store import MANIFEST, EmbeddingStore, Failure, ManifestRow
 
 PRUNE_FREE = 10  # removals always allowed without --prune (a few deleted photos) ...
 PRUNE_SHARE = 0.10  # ... and any removal up to this share of the store; but never all of it
+ENGINES = ("local", "ray")
 FORMATS = "jpg, jpeg, png, bmp, gif, webp, tif, tiff"
 
 
@@ -98,6 +100,7 @@ class EmbedReport:
     interrupted: bool = False
     runtime: str | None = None  # which runtime ran the model, when one was needed
     repaired: int = 0  # rows forgotten because their shard was lost (embedded again in this run)
+    workers: set[str] = field(default_factory=set)  # ray engine: the actors (host:pid) that embedded images
 
     def text(self) -> str:
         rate = (f" ({self.embedded / self.embed_seconds:.1f} images/s with the {self.runtime} runtime)"
@@ -130,8 +133,11 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
                  weights: str = "imagenet", pooling: str = "avg", layer: str | None = None,
                  preprocess: str | None = None, dtype: str = "float32", batch_size: int = 64,
                  workers: int | None = None, runtime: str = "auto", progress: bool = True,
-                 loader: Callable[..., LoadedBackbone] = load_backbone, prune: bool = False) -> EmbedReport:
+                 loader: Callable[..., LoadedBackbone] = load_backbone, prune: bool = False,
+                 engine: str = "local", ray: RayOptions | None = None) -> EmbedReport:
     """Bring the store at ``out`` up to date with the image folder ``images``.
+
+    ``engine="ray"`` embeds on Ray actors (``ray`` says where and how many) with the same results.
 
     ``prune`` allows removing more than :data:`PRUNE_FREE` and :data:`PRUNE_SHARE` of the store (or all
     of it) when images are gone; without it such a run is refused before anything changes.
@@ -141,6 +147,8 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
         raise TlEmbedError("--batch-size must be at least 1")
     if workers is not None and workers < 1:
         raise TlEmbedError("--workers must be at least 1")
+    if engine not in ENGINES:
+        raise TlEmbedError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     check_model_options(model, layer, preprocess)  # bad names and options fail before any scanning
     root = Path(images).expanduser().resolve()
     out = Path(out)
@@ -176,7 +184,11 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
             store.record_failures(p.new_failures)
             report.failed.extend(p.new_failures)
         if backbone is not None:
-            _run(p.todo, store, backbone, runtime, batch_size, workers, report, progress)
+            if engine == "ray":
+                _run_ray(p.todo, store, backbone, runtime, batch_size, ray or RayOptions(workers=workers), report,
+                         progress)
+            else:
+                _run(p.todo, store, backbone, runtime, batch_size, workers, report, progress)
         if not report.interrupted and store.writable:
             store.consolidate()
         store.refresh()
@@ -232,6 +244,12 @@ def _run(todo: list[ImageFile], store: EmbeddingStore, backbone: LoadedBackbone,
     except KeyboardInterrupt:
         report.interrupted = True
     report.embed_seconds = time.perf_counter() - t_embed
+
+
+def _run_ray(todo: list[ImageFile], store: EmbeddingStore, backbone: LoadedBackbone, runtime: str,
+             batch_size: int, options: RayOptions, report: EmbedReport, progress: bool) -> None:
+    report.spec = backbone.spec
+    embed_with_ray(todo, store, backbone, runtime, batch_size, options, report, progress)
 
 
 def _check_same_source(store: EmbeddingStore, root: Path, model: str, pooling: str) -> None:

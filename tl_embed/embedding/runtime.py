@@ -135,10 +135,10 @@ class KerasRuntime:
 
     name = "keras"
 
-    def __init__(self, backbone: LoadedBackbone):
+    def __init__(self, backbone: LoadedBackbone, threads: int | None = None):
         import tensorflow as tf
 
-        configure_threads()
+        configure_threads(threads)
         model = backbone.model
         size = backbone.spec.input_size
         self.dim = backbone.spec.dim
@@ -165,10 +165,12 @@ class OpenVINORuntime:
 
     name = "openvino"
 
-    def __init__(self, backbone: LoadedBackbone, threads: int | None = None, images_per_request: int = 1):
+    def __init__(self, backbone: LoadedBackbone, threads: int | None = None, images_per_request: int = 1,
+                 model=None):
+        """``model``: an already converted model (a Ray worker gets the driver's), else converted here."""
         import openvino as ov
 
-        model = load_or_convert(backbone)
+        model = load_or_convert(backbone) if model is None else model
         compiled = ov.Core().compile_model(model, "CPU", {
             "PERFORMANCE_HINT": "THROUGHPUT",
             "INFERENCE_PRECISION_HINT": "f32",  # never bf16/fp16 behind the user's back
@@ -319,14 +321,20 @@ def make_runtime(backbone: LoadedBackbone, name: str = "auto",
         return KerasRuntime(backbone)
     try:
         return OpenVINORuntime(backbone)
-    except ImportError:
-        why = "openvino is not installed (pip install openvino)"
     except Exception as e:  # noqa: BLE001 - converters raise anything; the reference runtime still works
+        fallback(backbone, name, e, notify)
+    return KerasRuntime(backbone)
+
+
+def fallback(backbone: LoadedBackbone, name: str, e: Exception, notify: Callable[[str], None] = _notice) -> None:
+    """OpenVINO failed with ``e``: an error when it was asked for by name, a notice with ``auto``."""
+    if isinstance(e, ImportError):
+        why = "openvino is not installed (pip install openvino)"
+    else:
         why = f"openvino could not convert {backbone.spec.name}: {type(e).__name__}: {_first_line(e)}"
     if name == "openvino":
-        raise TlEmbedError(why)
+        raise TlEmbedError(why) from None
     notify(f"{why}; using the keras runtime")
-    return KerasRuntime(backbone)
 
 
 def _first_line(e: Exception) -> str:
