@@ -205,9 +205,10 @@ def embed_with_ray(todo: list[ImageFile], store: EmbeddingStore, backbone: Loade
         shipped = ship_model(backbone, runtime)
         report.runtime = shipped.kind
         files = {f.rel: f for f in todo}
+        previous = {f.rel: row for f in todo if (row := store.row_for(f.rel))}  # read once, not per commit
         t0 = time.perf_counter()
         try:
-            _stream(ray, todo, files, store, shipped, batch_size, options, report, progress)
+            _stream(ray, todo, files, previous, store, shipped, batch_size, options, report, progress)
         except KeyboardInterrupt:
             report.interrupted = True
         report.embed_seconds = time.perf_counter() - t0
@@ -216,8 +217,9 @@ def embed_with_ray(todo: list[ImageFile], store: EmbeddingStore, backbone: Loade
             ray.shutdown()
 
 
-def _stream(ray, todo: list[ImageFile], files: dict[str, ImageFile], store: EmbeddingStore, shipped: ShippedModel,
-            batch_size: int, options: RayOptions, report, progress: bool) -> None:
+def _stream(ray, todo: list[ImageFile], files: dict[str, ImageFile], previous: dict[str, ManifestRow],
+            store: EmbeddingStore, shipped: ShippedModel, batch_size: int, options: RayOptions, report,
+            progress: bool) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit="img", desc="embedding (ray)", disable=not progress,
@@ -226,7 +228,7 @@ def _stream(ray, todo: list[ImageFile], files: dict[str, ImageFile], store: Embe
         for batch in dataset(ray, todo, shipped, batch_size, options).iter_batches(batch_size=None,
                                                                                    batch_format="numpy"):
             check_model(batch, shipped.fingerprint)
-            commit(batch, files, store, report)
+            commit(batch, files, previous, store, report)
             report.workers.update(batch["worker"])
             bar.update(len(batch["rel"]))
     except ray.exceptions.GetTimeoutError:
@@ -261,12 +263,13 @@ def check_model(batch: dict[str, np.ndarray], expected: str) -> None:
         raise RuntimeError(f"a Ray worker ran model {set(batch['model'])}, not the driver's {expected}")
 
 
-def commit(batch: dict[str, np.ndarray], files: dict[str, ImageFile], store: EmbeddingStore, report) -> None:
+def commit(batch: dict[str, np.ndarray], files: dict[str, ImageFile], previous: dict[str, ManifestRow],
+           store: EmbeddingStore, report) -> None:
     """Record one batch as the local engine does: failures with reasons, touched-but-unchanged, new rows."""
     rows, keep, failures, touched = [], [], [], []
     for i, rel in enumerate(batch["rel"]):
         f, reason, sha = files[rel], batch["reason"][i], batch["sha256"][i]
-        old = store.row_for(rel)
+        old = previous.get(rel)
         if reason:
             failures.append(Failure(rel, reason, f.size, f.mtime_ns))
         elif old and old.sha256 == sha and (old.label, old.split) == (f.label, f.split):
