@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import TlEmbedError
@@ -44,10 +47,24 @@ def add_runtime_option(p: argparse.ArgumentParser) -> None:
                         "'keras' (the reference), or 'auto' (openvino, falling back to keras with a notice)")
 
 
+_PLANNED_FOLDERS: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("planned_folders", default=())
+
+
+@contextlib.contextmanager
+def planned_folders(folders: Iterable[Path]) -> Iterator[None]:
+    """Let :func:`out_path` accept folders a pipeline creates before the step runs (it validates first)."""
+    token = _PLANNED_FOLDERS.set(tuple(Path(f).expanduser().absolute() for f in folders))
+    try:
+        yield
+    finally:
+        _PLANNED_FOLDERS.reset(token)
+
+
 def out_path(value: str) -> str:
     """``--out``: the thing a command writes; its folder must exist (we never guess a typo'd tree)."""
     parent = Path(value).expanduser().absolute().parent
-    if not parent.is_dir():
+    planned = any(parent == f or parent in f.parents for f in _PLANNED_FOLDERS.get())
+    if not parent.is_dir() and not planned:
         raise argparse.ArgumentTypeError(f"folder {parent} does not exist; create it first or choose another --out")
     return value
 

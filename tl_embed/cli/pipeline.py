@@ -37,7 +37,7 @@ from pathlib import Path
 import tomllib
 
 from ..errors import TlEmbedError, WeightsUnavailableError
-from .options import add_command
+from .options import add_command, planned_folders
 
 STAMP_FILE = ".tl-embed-pipeline.json"
 STEP_KEYS = {"name": str, "run": str, "args": list, "inputs": list, "outputs": list, "options": dict}
@@ -136,9 +136,10 @@ def _parse_step(raw: dict, n: int, variables: dict[str, str], where: _Locator) -
             argv.append(flag)
         elif value is not False:
             argv += [flag, resolve(value)]
-    _check_command(argv, raw["name"], where.at_factory(line))
-    return Step(raw["name"], argv, [Path(resolve(p)) for p in raw.get("inputs", [])],
-                [Path(resolve(p)) for p in raw.get("outputs", [])], line)
+    outputs = [Path(resolve(p)) for p in raw.get("outputs", [])]
+    with planned_folders(p.parent for p in outputs):  # run() creates them before the step
+        _check_command(argv, raw["name"], where.at_factory(line))
+    return Step(raw["name"], argv, [Path(resolve(p)) for p in raw.get("inputs", [])], outputs, line)
 
 
 def _check_command(argv: list[str], name: str, error) -> None:
