@@ -21,7 +21,7 @@ def test_shipped_pipelines_run_end_to_end(tmp_path, name, capsys):
     assert "0 up to date" in text and "40 embedded" in text
     expected = {"embed-folder": ["embeddings.npy", "embeddings.csv"],
                 "classify-folder": ["classifier.tlh", "classifier.tlh.confusion.png"],
-                "image-search": ["search.tli/index.faiss", "sample-search.html", "duplicates.csv"],
+                "image-search": ["search.tli/index.bin", "sample-search.html", "duplicates.csv"],
                 "quickstart": ["classifier.tlh.report.md", "sample-search.html"]}[name]
     for rel in expected:
         assert (out / rel).stat().st_size > 0, rel

@@ -29,3 +29,11 @@ class StoreDamagedError(StoreError):
 
 class StoreReadOnlyError(StoreError):
     """The store lies on read-only media or in a folder we may not write: it can be read, not changed."""
+
+
+class IndexDamagedError(TlEmbedError):
+    """A search index cannot be read back whole; it must be rebuilt from its store."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"index {path} is damaged ({reason}); rebuild it with `tl-embed index STORE --out {path}`")

@@ -140,9 +140,22 @@ def _parse_step(raw: dict, n: int, variables: dict[str, str], where: _Locator) -
             argv.append(flag)
         elif value is not False:
             argv += [flag, resolve(value)]
+    outputs = [Path(resolve(p)) for p in raw.get("outputs", [])]
     _check_command(argv, raw["name"], where.at_factory(line))
-    return Step(raw["name"], argv, [Path(resolve(p)) for p in raw.get("inputs", [])],
-                [Path(resolve(p)) for p in raw.get("outputs", [])], line)
+    _check_out_folder(argv, outputs, raw["name"], where.at_factory(line))
+    return Step(raw["name"], argv, [Path(resolve(p)) for p in raw.get("inputs", [])], outputs, line)
+
+
+def _check_out_folder(argv: list[str], outputs: list[Path], name: str, error) -> None:
+    """A step's --out folder must exist or be one that run() creates (a declared output's folder)."""
+    flag = next((f for f in ("--out", "-o") if f in argv[:-1]), None)
+    if flag is None:
+        return
+    parent = Path(argv[argv.index(flag) + 1]).expanduser().absolute().parent
+    planned = [o.expanduser().absolute().parent for o in outputs]
+    if not parent.is_dir() and not any(parent == f or parent in f.parents for f in planned):
+        raise error(f"step {name!r}: --out: folder {parent} does not exist and is no declared output's "
+                    "folder; create it or list the file under outputs")
 
 
 def _check_command(argv: list[str], name: str, error) -> None:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import TlEmbedError
-from .options import add_command, add_runtime_option
+from .options import add_command, add_runtime_option, fraction, positive_int
 
 
 # ----------------------------------------------------------------- index
@@ -26,32 +27,31 @@ def register_index(sub) -> None:
     p.add_argument("--type", default="auto",
                    help="auto | flat | hnsw | ivf | ivfpq | a FAISS factory string such as 'IVF1024,PQ64'")
     p.add_argument("--metric", default="cosine", choices=METRICS)
-    p.add_argument("--max-memory", default=None,
+    p.add_argument("--max-memory", default=None, type=memory_size,
                    help="memory budget for the index, e.g. 2GB or 500MB (auto picks IVF-PQ above it)")
-    p.add_argument("--target-recall", type=float, default=0.95,
+    p.add_argument("--target-recall", type=fraction, default=0.95,
                    help="approximate indexes: smallest nprobe/efSearch reaching this recall@10")
     p.set_defaults(func=cmd_index)
 
 
-def _bytes(text: str | None) -> float | None:
-    if text is None:
-        return None
+def memory_size(text: str) -> float:
+    """``--max-memory``: a size such as 500MB or 2GB, in bytes."""
     units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "B": 1}
     t = text.strip().upper()
-    for unit, mult in units.items():
-        if t.endswith(unit):
-            try:
-                return float(t[: -len(unit)]) * mult
-            except ValueError:
-                break
-    raise TlEmbedError(f"--max-memory must look like 500MB or 2GB, not {text!r}")
+    unit = next((u for u in units if t.endswith(u)), None)
+    try:
+        size = float(t[: -len(unit)]) * units[unit] if unit else math.nan
+    except ValueError:
+        size = math.nan
+    if not size > 0 or math.isinf(size):
+        raise argparse.ArgumentTypeError(f"must be a positive size such as 500MB or 2GB, not {text!r}")
+    return size
 
 
 def cmd_index(args) -> None:
     from ..search.index import Index
 
-    idx = Index.build(args.store, args.out, args.type, args.metric, _bytes(args.max_memory),
-                      args.target_recall)
+    idx = Index.build(args.store, args.out, args.type, args.metric, args.max_memory, args.target_recall)
     print(idx.describe())
 
 
@@ -61,8 +61,8 @@ def register_search(sub) -> None:
              "their stored embedding) and list the nearest neighbours.")
     p.add_argument("index", help="index folder from `tl-embed index`")
     p.add_argument("queries", nargs="+", help="query images or folders (or paths of stored images)")
-    p.add_argument("-k", type=int, default=10, help="neighbours per query")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("-k", type=positive_int, default=10, help="neighbours per query")
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="query at most this many of the given images, evenly spread (a sample)")
     p.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
     p.add_argument("--out", default="search.html", help="with --format html: the page to write")
@@ -106,7 +106,7 @@ def cmd_search(args) -> None:
 def register_dedup(sub) -> None:
     p = add_command(sub, "dedup", "report groups of near-duplicate images in a store")
     p.add_argument("store")
-    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity for duplicates")
+    p.add_argument("--threshold", type=fraction, default=0.95, help="cosine similarity for duplicates")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--out", default=None, help="write the report to this file instead of printing it")
     p.set_defaults(func=cmd_dedup)
