@@ -45,10 +45,10 @@ def cmd_serve(args) -> None:
         raise TlEmbedError(f"--port must be between 0 and 65535, not {args.port}")
     if args.batch_wait_ms < 0:
         raise TlEmbedError(f"--batch-wait-ms must not be negative, not {args.batch_wait_ms}")
+    sock = _bind(args.host, args.port)  # fails with one line (address in use) before the model loads
     if not _is_loopback(args.host):
         print(f"tl-embed: warning: listening on {args.host}: anyone who can reach this machine can search and "
               f"read the store's images{'' if args.token else ' (no --token set)'}", file=sys.stderr)
-    sock = _bind(args.host, args.port)  # fails with one line (address in use) before the model loads
     service = load_service(args.index, args.head, args.runtime, args.min_confidence, args.max_batch,
                            args.batch_wait_ms / 1000)
     app = create_app(service, args.token, args.max_upload_mb * 1_000_000)
