@@ -164,6 +164,7 @@ def main() -> None:
     if not (SHARED / "weights").is_dir():
         sys.exit(f"{SHARED / 'weights'} is needed (genuine MobileNetV2 weights)")
     print(cpu_text())
+    print(f"load average before: {_load()} (other processes share these cores)")
     with tempfile.TemporaryDirectory(prefix="tl_embed_serve_bench-") as tmp_str:
         tmp = Path(tmp_str)
         os.environ["KERAS_HOME"] = str(keras_home(tmp))
@@ -215,6 +216,11 @@ def main() -> None:
     print(f"goal upload throughput at {many['clients']} clients >= 0.8 x embed: {many['rps']:.1f} / "
           f"{embed_rate:.1f} = {ratio:.2f}x -> {'met' if ratio >= 0.8 else 'MISSED'}")
     print(f"errors: {errors}")
+    print(f"load average after: {_load()}")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _free_port() -> int:

@@ -63,11 +63,13 @@ class Catalog:
         self.by_path = {p: int(i) for p, i in zip(self.paths, self.ids, strict=True)}
         self.by_path.update({str(self.absolute(p)): int(i) for p, i in zip(self.paths, self.ids, strict=True)})
         self._by_index_path = {p: i for i, p in self.index.paths.items()}
-        self.label_counts: dict[str, int] = {}
-        for label in self.labels:
+        rows_of: dict[str, list[int]] = {}
+        for n, label in enumerate(self.labels):
             if label is not None:
-                self.label_counts[label] = self.label_counts.get(label, 0) + 1
-        self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
+                rows_of.setdefault(label, []).append(n)
+        self.label_rows = {label: np.array(rows, np.int64) for label, rows in sorted(rows_of.items())}
+        self.label_counts = {label: len(rows) for label, rows in self.label_rows.items()}
+        self.thumbnail = lru_cache(maxsize=512)(self._thumbnail)  # ~15 KB each at the page's 256 px
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -103,10 +105,9 @@ class Catalog:
             hits = self.index.search_vectors(vector[None, :], want)[0]
             found = [(int(self._by_index_path[h.path]), h.score) for h in hits]
         else:
-            if label not in self.label_counts:
+            if label not in self.label_rows:
                 raise NotFound(f"no stored image is labelled {label!r}")
-            rows = np.flatnonzero(np.asarray([lab == label for lab in self.labels]))
-            found = self._exact(vector, rows, want)
+            found = self._exact(vector, self.label_rows[label], want)
         found = [(i, s) for i, s in found if i != exclude and i in self.position][:k]
         return [Neighbour(i, self.paths[self.position[i]], self.labels[self.position[i]], s) for i, s in found]
 
