@@ -39,8 +39,8 @@ def get(url: str, token: str | None = None) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def start(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def start(*args: str, **env_vars: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env_vars}
     return subprocess.Popen([sys.executable, "-m", "tl_embed.cli", "serve", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -80,7 +80,7 @@ def test_serves_on_loopback_quietly(served):
 
 def test_another_host_warns_and_the_token_guards(served):
     port = free_port()
-    proc = start(str(served.index), "--host", "0.0.0.0", "--port", str(port), "--token", "t0k")
+    proc = start(str(served.index), "--host", "0.0.0.0", "--port", str(port), TL_EMBED_TOKEN="t0k")  # not in ps
     try:
         wait_ready(proc, f"http://127.0.0.1:{port}", token="t0k")
         assert get(f"http://127.0.0.1:{port}/info")[0] == 401

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import sys
 
@@ -21,7 +22,9 @@ def register_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but loopback exposes the images to the network")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on every route")
+    p.add_argument("--token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' on every route; or set $TL_EMBED_TOKEN, which "
+                        "other users cannot read in the process list")
     p.add_argument("--min-confidence", type=fraction, default=0.0,
                    help="/predict answers 'unknown' below this top probability")
     p.add_argument("--max-upload-mb", type=positive_int, default=20, help="largest accepted request body")
@@ -45,13 +48,14 @@ def cmd_serve(args) -> None:
         raise TlEmbedError(f"--port must be between 0 and 65535, not {args.port}")
     if args.batch_wait_ms < 0:
         raise TlEmbedError(f"--batch-wait-ms must not be negative, not {args.batch_wait_ms}")
+    token = args.token or os.environ.get("TL_EMBED_TOKEN") or None
     sock = _bind(args.host, args.port)  # fails with one line (address in use) before the model loads
     if not _is_loopback(args.host):
         print(f"tl-embed: warning: listening on {args.host}: anyone who can reach this machine can search and "
-              f"read the store's images{'' if args.token else ' (no --token set)'}", file=sys.stderr)
+              f"read the store's images{'' if token else ' (no --token set)'}", file=sys.stderr)
     service = load_service(args.index, args.head, args.runtime, args.min_confidence, args.max_batch,
                            args.batch_wait_ms / 1000)
-    app = create_app(service, args.token, args.max_upload_mb * 1_000_000)
+    app = create_app(service, token, args.max_upload_mb * 1_000_000)
     host, port = sock.getsockname()[:2]
     print(f"tl-embed: serving {service.catalog.index.path} ({len(service.catalog)} images, "
           f"{len(service.heads)} head(s)) at http://{_url_host(host)}:{port}/", file=sys.stderr, flush=True)
