@@ -1,11 +1,12 @@
 """The search page in a real browser: Debian's chromium driven by Playwright against the real server.
 
 Upload an image, see its neighbours and the head's label, click a neighbour (by keyboard) and see its
-neighbours; the page is also checked at phone width.  A screenshot is saved in the test's tmp folder.
+neighbours; dropped and pasted images; the page at phone width.  A screenshot is saved in the test's tmp folder.
 """
 
 from __future__ import annotations
 
+import base64
 import socket
 import threading
 import time
@@ -96,3 +97,28 @@ def test_readable_at_phone_width_and_errors_shown(server, browser, tmp_path):
     assert page.evaluate("document.documentElement.scrollWidth") <= 360  # no sideways scrolling
     box = page.locator("#results button").first.bounding_box()
     assert 120 <= box["width"] <= 180  # two columns of thumbnails
+
+
+DELIVER = """async ([how, b64]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([bytes], "given.jpg", { type: "image/jpeg" }));
+  if (how === "drop") {
+    document.getElementById("drop").dispatchEvent(
+      new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true }));
+  } else {
+    document.dispatchEvent(new ClipboardEvent("paste", { clipboardData: data, bubbles: true }));
+  }
+}"""
+
+
+@pytest.mark.parametrize("how, colour", [("drop", "blue"), ("paste", "red")])
+def test_dropped_and_pasted_images_are_searched(server, browser, tmp_path, how, colour):
+    image = make_image(tmp_path / "given.jpg", COLORS[colour], 31)
+    page = browser.new_page()
+    page.goto(server)
+    expect(page.locator("#info")).to_contain_text("12 images")
+    page.fill("#k", "3")
+    page.evaluate(DELIVER, [how, base64.b64encode(image.read_bytes()).decode()])
+    expect(page.locator("#query-caption")).to_have_text("given.jpg")
+    expect(page.locator("#results .label")).to_have_text([colour] * 3)
