@@ -31,11 +31,10 @@ from ..embedding.runtime import Runtime, cpu_count
 from ..errors import TlEmbedError
 from ..heads.head import Head
 from .batching import Batcher
-from .catalog import THUMBNAIL_MAX, Catalog, NotFound
+from .catalog import MAX_K, THUMBNAIL_MAX, Catalog, NotFound
 from .guard import BodyTooLarge, Guard
 
 STATIC = Path(__file__).with_name("static")
-MAX_K = 100
 UPLOAD_PIXELS = 50_000_000  # an upload's header may claim at most this; more is refused as a bomb
 EMBED_TIMEOUT = 30.0  # seconds; a request never waits longer for its embedding
 
@@ -56,15 +55,18 @@ class Service:
     min_confidence: float = 0.0
     max_batch: int = 8
     max_wait: float = 0.002
-    batcher: Batcher | None = None
+    batcher: Batcher | None = None  # images -> embeddings
+    searcher: Batcher | None = None  # query vectors -> neighbours, one index call per batch
     decoders: CapacityLimiter | None = None
 
     def start(self) -> None:
         self.batcher = Batcher(self.runtime, self.max_batch, self.max_wait)
+        self.searcher = Batcher(self.catalog.search_batch, 2 * self.max_batch, self.max_wait)
 
     def stop(self) -> None:
-        if self.batcher is not None:
-            self.batcher.close()
+        for b in (self.batcher, self.searcher):
+            if b is not None:
+                b.close()
 
 
 def load_service(index: str | os.PathLike, heads: list[str] = (), runtime: str = "auto",
@@ -187,7 +189,11 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
         or an embedding (JSON ``vector``); ``k`` of them, optionally only those labelled ``label``."""
         t0 = time.perf_counter()
         q = await parse(request)
-        hits = await to_thread.run_sync(catalog.search, q.vector, q.k, q.label, q.exclude)
+        if q.label is None:
+            found = await asyncio.wrap_future(service.searcher.submit(q.vector))
+        else:
+            found = await to_thread.run_sync(catalog.labelled, q.vector, q.label, q.k + 1)
+        hits = catalog.neighbours(found, q.k, q.exclude)
         return {"query": q.source, "metric": catalog.metric, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
                 "neighbours": [{"rank": r, "id": h.id, "path": h.path, "label": h.label, score_name: round(h.score, 6),
                                 "image": f"/images/{h.id}", "thumbnail": f"/images/{h.id}?size=256"}
@@ -227,7 +233,7 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
     def info() -> dict:
         """Backbone, counts, index type and its measured recall, heads, batching statistics."""
         idx = catalog.index
-        b = service.batcher
+        b, sb = service.batcher, service.searcher
         return {
             "version": __version__,
             "backbone": idx.spec.describe(), "spec": idx.spec.to_dict(), "runtime": service.runtime.name,
@@ -239,7 +245,8 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
             "heads": [{"name": n, "head": h.head, "classes": h.classes} for n, h in service.heads],
             "min_confidence": service.min_confidence,
             "batching": {"max_batch": service.max_batch, "max_wait_ms": 1000 * service.max_wait,
-                         "batches": b.batches if b else 0, "images": b.images if b else 0},
+                         "batches": b.batches if b else 0, "images": b.images if b else 0,
+                         "search_batches": sb.batches if sb else 0, "searches": sb.images if sb else 0},
         }
 
     @app.get("/", include_in_schema=False)

@@ -1,10 +1,10 @@
-"""Dynamic batching: concurrent one-image requests share one trip through the runtime.
+"""Dynamic batching: concurrent one-image requests share one trip through the runtime (or the index).
 
-Each request hands its pixels to :meth:`Batcher.submit` and gets a future.  One worker thread takes the
-first waiting image, gathers whatever else arrives within ``max_wait`` seconds (up to ``max_batch``) and
-runs them as one batch; requests arriving while that batch runs form the next one.  At one client this
-adds at most ``max_wait`` to a request; under load, batches fill the runtime's streams instead of
-queueing single images one by one.
+Each request hands its pixels (or query vector) to :meth:`Batcher.submit` and gets a future.  One worker
+thread takes the first waiting item, gathers whatever else arrives within ``max_wait`` seconds (up to
+``max_batch``) and runs them as one batch; requests arriving while that batch runs form the next one.
+At one client this adds at most ``max_wait`` to a request; under load, batches fill the runtime's
+streams instead of queueing single images one by one.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 import numpy as np
@@ -24,9 +25,9 @@ class BatcherClosed(RuntimeError):
 
 
 class Batcher:
-    """Collects single images into small batches for one runtime, from any number of threads."""
+    """Collects single items into small batches for ``run`` (a runtime, or a batched search), from any thread."""
 
-    def __init__(self, run: Runtime, max_batch: int = 8, max_wait: float = 0.002):
+    def __init__(self, run: Runtime | Callable[[np.ndarray], Sequence], max_batch: int = 8, max_wait: float = 0.002):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.run = run
@@ -40,7 +41,7 @@ class Batcher:
         self._thread.start()
 
     def submit(self, pixels: np.ndarray) -> Future:
-        """Queue one (S, S, 3) uint8 image; the future's result is its (D,) float32 embedding."""
+        """Queue one item (an (S, S, 3) uint8 image); the future's result is its row of ``run``'s answer."""
         fut: Future = Future()
         if self._closed:
             fut.set_exception(BatcherClosed("the service is shutting down"))

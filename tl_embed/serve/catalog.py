@@ -20,8 +20,10 @@ from ..embedding.backbones import check_compatible
 from ..embedding.images import IMAGE_SUFFIXES, to_rgb
 from ..embedding.store import EmbeddingStore
 from ..errors import TlEmbedError
-from ..search.index import Index, prepare_vectors
+from ..search.index import Index, load_faiss, prepare_vectors
 
+MAX_K = 100  # neighbours one query may ask for
+FETCH = MAX_K + 1  # one more: a stored image's query drops itself
 THUMBNAIL_MAX = 1024
 THUMBNAIL_PIXELS = 100_000_000  # a stored file this large is not thumbnailed on request
 
@@ -70,6 +72,7 @@ class Catalog:
         self.label_rows = {label: np.array(rows, np.int64) for label, rows in sorted(rows_of.items())}
         self.label_counts = {label: len(rows) for label, rows in self.label_rows.items()}
         self.thumbnail = lru_cache(maxsize=512)(self._thumbnail)  # ~15 KB each at the page's 256 px
+        self._blas_threshold = load_faiss().cvar.distance_compute_blas_threshold
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -93,34 +96,41 @@ class Catalog:
         return {"id": ident, "path": self.paths[n], "label": self.labels[n]}
 
     # --------------------------------------------------------------- search
-    def search(self, vector: np.ndarray, k: int, label: str | None = None,
-               exclude: int | None = None) -> list[Neighbour]:
-        """The ``k`` nearest stored images (optionally only those labelled ``label``), best first.
+    def search_batch(self, queries: np.ndarray) -> list[list[tuple[int, float]]]:
+        """The FETCH nearest (id, score) of each query vector, from one index call for the whole batch.
 
-        Without a label the index answers (its recall is in ``/info``); with one, the label's rows are
-        compared exactly: a label's subset is small enough for that, and an index cannot filter cheaply.
+        Exact (Flat) search of one query streams every stored vector from memory; a batch shares that
+        pass through a matrix product (FAISS's BLAS path), which is what makes concurrent requests cheap.
+        FAISS picks that path by a global threshold, so this runs in one thread only (the service's
+        search batcher) and sets it per call.
         """
-        want = k + (exclude is not None)
-        if label is None:
-            hits = self.index.search_vectors(vector[None, :], want)[0]
-            found = [(int(self._by_index_path[h.path]), h.score) for h in hits]
-        else:
-            if label not in self.label_rows:
-                raise NotFound(f"no stored image is labelled {label!r}")
-            found = self._exact(vector, self.label_rows[label], want)
-        found = [(i, s) for i, s in found if i != exclude and i in self.position][:k]
-        return [Neighbour(i, self.paths[self.position[i]], self.labels[self.position[i]], s) for i, s in found]
+        faiss = load_faiss()
+        faiss.cvar.distance_compute_blas_threshold = 1 if len(queries) > 1 else self._blas_threshold
+        hits = self.index.search_vectors(queries, FETCH)
+        return [[(int(self._by_index_path[h.path]), h.score) for h in row] for row in hits]
 
-    def _exact(self, vector: np.ndarray, rows: np.ndarray, k: int) -> list[tuple[int, float]]:
+    def labelled(self, vector: np.ndarray, label: str, fetch: int) -> list[tuple[int, float]]:
+        """The ``fetch`` nearest images labelled ``label``, compared exactly.
+
+        A label's subset is small enough for exact search, and an index cannot filter cheaply.
+        """
+        if label not in self.label_rows:
+            raise NotFound(f"no stored image is labelled {label!r}")
+        rows = self.label_rows[label]
         q = prepare_vectors(vector[None, :], self.metric)[0]
         x = prepare_vectors(self.vectors[rows], self.metric)
         if self.metric == "cosine":
             scores = x @ q
-            order = np.argsort(-scores)[:k]
+            order = np.argsort(-scores)[:fetch]
         else:
             scores = ((x - q) ** 2).sum(1)
-            order = np.argsort(scores)[:k]
+            order = np.argsort(scores)[:fetch]
         return [(int(self.ids[rows[o]]), float(scores[o])) for o in order]
+
+    def neighbours(self, found: list[tuple[int, float]], k: int, exclude: int | None = None) -> list[Neighbour]:
+        """The first ``k`` of ``found`` (best first) as neighbours, without ``exclude`` (the query itself)."""
+        kept = [(i, s) for i, s in found if i != exclude and i in self.position][:k]
+        return [Neighbour(i, self.paths[self.position[i]], self.labels[self.position[i]], s) for i, s in kept]
 
     # --------------------------------------------------------------- images
     def absolute(self, rel: str) -> Path:
