@@ -95,30 +95,3 @@ def test_close_fails_what_still_waits_and_refuses_new_work():
         waiting.result(timeout=5)
     with pytest.raises(BatcherClosed):
         batcher.submit(image(3)).result(timeout=1)
-
-
-def test_two_workers_keep_two_batches_in_flight_and_answers_stay_matched():
-    running, most = 0, 0
-    lock = threading.Lock()
-
-    class Overlapping(Recorder):
-        def __call__(self, batch):
-            nonlocal running, most
-            with lock:
-                running += 1
-                most = max(most, running)
-            try:
-                return super().__call__(batch)
-            finally:
-                with lock:
-                    running -= 1
-
-    run = Overlapping(delay=0.02)
-    batcher = Batcher(run, max_batch=4, max_wait=0.002, workers=2)
-    try:
-        with ThreadPoolExecutor(16) as pool:
-            results = list(pool.map(lambda v: batcher.embed(image(v), timeout=10), range(48)))
-    finally:
-        batcher.close()
-    assert [float(r[0]) for r in results] == list(range(48))
-    assert most == 2 and max(run.sizes) <= 4 and sum(run.sizes) == 48

@@ -60,8 +60,7 @@ class Service:
     decoders: CapacityLimiter | None = None
 
     def start(self) -> None:
-        streams = getattr(self.runtime, "streams", 1)  # OpenVINO: thread-safe, two batches keep its streams fed
-        self.batcher = Batcher(self.runtime, self.max_batch, self.max_wait, workers=2 if streams > 1 else 1)
+        self.batcher = Batcher(self.runtime, self.max_batch, self.max_wait)
         self.searcher = Batcher(self.catalog.search_batch, 2 * self.max_batch, self.max_wait)
 
     def stop(self) -> None:

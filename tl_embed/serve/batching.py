@@ -27,12 +27,9 @@ class BatcherClosed(RuntimeError):
 class Batcher:
     """Collects single items into small batches for ``run`` (a runtime, or a batched search), from any thread."""
 
-    def __init__(self, run: Runtime | Callable[[np.ndarray], Sequence], max_batch: int = 8, max_wait: float = 0.002,
-                 workers: int = 1):
-        """``workers`` > 1 keeps that many batches in flight (``run`` must then be thread-safe): the next
-        batch is gathered and handed over while the previous one still runs, so no stream waits for it."""
-        if max_batch < 1 or workers < 1:
-            raise ValueError("max_batch and workers must be at least 1")
+    def __init__(self, run: Runtime | Callable[[np.ndarray], Sequence], max_batch: int = 8, max_wait: float = 0.002):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
         self.run = run
         self.max_batch = max_batch
         self.max_wait = max_wait
@@ -40,11 +37,8 @@ class Batcher:
         self.images = 0
         self._queue: queue.Queue[tuple[np.ndarray, Future] | None] = queue.Queue()
         self._closed = False
-        self._count = threading.Lock()
-        self._threads = [threading.Thread(target=self._work, name="tl-embed-batcher", daemon=True)
-                         for _ in range(workers)]
-        for t in self._threads:
-            t.start()
+        self._thread = threading.Thread(target=self._work, name="tl-embed-batcher", daemon=True)
+        self._thread.start()
 
     def submit(self, pixels: np.ndarray) -> Future:
         """Queue one item (an (S, S, 3) uint8 image); the future's result is its row of ``run``'s answer."""
@@ -62,10 +56,8 @@ class Batcher:
     def close(self) -> None:
         """Finish the batch in flight, fail the ones still waiting, stop the worker."""
         self._closed = True
-        for _ in self._threads:
-            self._queue.put(None)
-        for t in self._threads:
-            t.join()
+        self._queue.put(None)
+        self._thread.join()
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -107,8 +99,7 @@ class Batcher:
             for _, f in live:
                 f.set_exception(e)
             return
-        with self._count:
-            self.batches += 1
-            self.images += len(live)
+        self.batches += 1
+        self.images += len(live)
         for (_, f), v in zip(live, vectors, strict=True):
             f.set_result(v)
