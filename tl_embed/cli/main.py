@@ -95,10 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _commands() -> list:
-    from . import embedding, heads, pipeline, search
+    from . import embedding, heads, pipeline, search, serve
 
     return [embedding.register_models, embedding.register_embed, embedding.register_info,
             embedding.register_export, heads.register_train, heads.register_predict,
             heads.register_evaluate, heads.register_classify, search.register_index,
-            search.register_search, search.register_dedup, pipeline.register_run]
+            search.register_search, search.register_dedup, serve.register_serve, pipeline.register_run]
 

@@ -104,13 +104,17 @@ def load_image(path: str | Path, size: int) -> DecodedImage:
     return DecodedImage(pixels, width, height, hashlib.sha256(data).hexdigest())
 
 
-def decode_bytes(data: bytes, size: int) -> tuple[np.ndarray, int, int]:
-    """Decode encoded image bytes; returns (pixels, original width, original height)."""
+def decode_bytes(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, int, int]:
+    """Decode encoded image bytes; returns (pixels, original width, original height).
+
+    ``max_pixels`` lets a service refuse smaller bombs than a batch run does: it decodes many
+    uploads at once.
+    """
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ImageDecodeError(f"too large: {w}x{h} pixels (limit {MAX_PIXELS:,})")
+            if w * h > max_pixels:
+                raise ImageDecodeError(f"too large: {w}x{h} pixels (limit {max_pixels:,})")
             if img.format == "JPEG" and min(w, h) >= 2 * size:
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: several times faster for big photos.
                 img.draft("RGB", (size, size))

@@ -13,7 +13,7 @@ from ..errors import TlEmbedError
 from .backbones import BackboneSpec, check_compatible, load_backbone
 from .embed import decode_in_order
 from .images import ImageDecodeError
-from .runtime import Runtime, cpu_count, make_runtime, stream
+from .runtime import OpenVINORuntime, Runtime, check_runtime, cpu_count, make_runtime, stream
 from .scan import ImageFile, expand_inputs
 
 
@@ -52,13 +52,31 @@ def embed_paths(paths: list[Path], run: Runtime, size: int, batch_size: int = 32
     return EmbeddedPaths(ok, vectors, failed)
 
 
+def runtime_for(spec: BackboneSpec, runtime: str = "auto") -> Runtime:
+    """A runtime computing exactly the backbone ``spec`` records.
+
+    The cached OpenVINO IR comes first (no TensorFlow import, no Keras build: a one-image query starts
+    in about a second); without one, Keras rebuilds the backbone, which must match ``spec``, and it is
+    converted (and cached for the next time).
+    """
+    name = check_runtime(runtime)
+    if name != "keras":
+        try:
+            cached = OpenVINORuntime.from_cache(spec)
+        except ImportError:  # no openvino: make_runtime says so below
+            cached = None
+        if cached is not None:
+            return cached
+    model, weights = spec.loadable()
+    backbone = load_backbone(model, weights=weights, pooling=spec.pooling, layer=spec.layer)
+    check_compatible(spec, backbone.spec, "the model/index")
+    return make_runtime(backbone, name)
+
+
 def embed_for(spec: BackboneSpec, inputs: list[str | os.PathLike], runtime: str = "auto",
               batch_size: int = 32):
     """Embed image files/folders with exactly the backbone ``spec`` describes (refusing others)."""
     paths = expand_inputs(inputs)
     if not paths:
         raise TlEmbedError("no images found in " + ", ".join(map(str, inputs)))
-    model, weights = spec.loadable()
-    backbone = load_backbone(model, weights=weights, pooling=spec.pooling, layer=spec.layer)
-    check_compatible(spec, backbone.spec, "the model/index")
-    return embed_paths(paths, make_runtime(backbone, runtime), spec.input_size, batch_size)
+    return embed_paths(paths, runtime_for(spec, runtime), spec.input_size, batch_size)

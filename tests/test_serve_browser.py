@@ -1,0 +1,124 @@
+"""The search page in a real browser: Debian's chromium driven by Playwright against the real server.
+
+Upload an image, see its neighbours and the head's label, click a neighbour (by keyboard) and see its
+neighbours; dropped and pasted images; the page at phone width.  A screenshot is saved in the test's tmp folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+from conftest import COLORS, make_image
+from playwright.sync_api import expect, sync_playwright
+from serve_data import build
+
+from tl_embed.serve.app import create_app, load_service
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    """The real uvicorn server on a free loopback port, in a thread."""
+    served = build(tmp_path_factory.mktemp("browser"), tiny_model)
+    app = create_app(load_service(served.index, [str(served.head)]))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])  # CI runs as root
+        yield b
+        b.close()
+
+
+def test_upload_see_neighbours_click_one(server, browser, tmp_path):
+    query = make_image(tmp_path / "query.jpg", COLORS["green"], 4711)
+    page = browser.new_page(viewport={"width": 1000, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("requestfailed", lambda r: errors.append(f"{r.url}: {r.failure}"))
+    page.goto(server)
+    expect(page.locator("#info")).to_contain_text("12 images")
+    page.fill("#k", "5")
+    page.set_input_files("#file", str(query))
+    results = page.locator("#results button")
+    expect(results).to_have_count(5)
+    expect(results.first.locator(".label")).to_have_text("green")
+    expect(page.locator("#predictions")).to_contain_text("m: green")
+    expect(page.locator("#status")).to_contain_text("5 neighbours")
+    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth)")
+    page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
+
+    clicked = results.nth(1)
+    clicked_id = clicked.get_attribute("data-id")
+    clicked_path = clicked.get_attribute("title")
+    clicked.focus()
+    page.keyboard.press("Enter")  # usable by keyboard: a result is a button
+    expect(page.locator("#query-caption")).to_contain_text(clicked_path)
+    expect(page.locator(f"#results button[data-id='{clicked_id}']")).to_have_count(0)  # not its own neighbour
+    expect(results).to_have_count(5)
+    expect(page.locator("#query-img")).to_have_attribute("src", f"/images/{clicked_id}?size=512")
+    page.wait_for_function("document.getElementById('query-img').naturalWidth > 0")
+    page.screenshot(path=str(tmp_path / "clicked.png"), full_page=True)
+    assert (tmp_path / "clicked.png").stat().st_size > 5_000
+    assert errors == []
+
+
+def test_readable_at_phone_width_and_errors_shown(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 360, "height": 740})
+    page.goto(server)
+    expect(page.locator("#info")).to_contain_text("12 images")
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not an image at all")
+    page.set_input_files("#file", str(not_an_image))
+    expect(page.locator("#status")).to_contain_text("not a recognised image format")
+    page.set_input_files("#file", str(make_image(tmp_path / "q.jpg", COLORS["red"], 5)))
+    expect(page.locator("#results button")).to_have_count(12)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360  # no sideways scrolling
+    box = page.locator("#results button").first.bounding_box()
+    assert 120 <= box["width"] <= 180  # two columns of thumbnails
+
+
+DELIVER = """async ([how, b64]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([bytes], "given.jpg", { type: "image/jpeg" }));
+  if (how === "drop") {
+    document.getElementById("drop").dispatchEvent(
+      new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true }));
+  } else {
+    document.dispatchEvent(new ClipboardEvent("paste", { clipboardData: data, bubbles: true }));
+  }
+}"""
+
+
+@pytest.mark.parametrize("how, colour", [("drop", "blue"), ("paste", "red")])
+def test_dropped_and_pasted_images_are_searched(server, browser, tmp_path, how, colour):
+    image = make_image(tmp_path / "given.jpg", COLORS[colour], 31)
+    page = browser.new_page()
+    page.goto(server)
+    expect(page.locator("#info")).to_contain_text("12 images")
+    page.fill("#k", "3")
+    page.evaluate(DELIVER, [how, base64.b64encode(image.read_bytes()).decode()])
+    expect(page.locator("#query-caption")).to_have_text("given.jpg")
+    expect(page.locator("#results .label")).to_have_text([colour] * 3)

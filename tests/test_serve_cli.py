@@ -1,0 +1,115 @@
+"""``tl-embed serve`` as a user runs it: the real command in a subprocess, its warnings and one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import ROOT
+from serve_data import build
+
+from tl_embed.cli import main
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model):
+    return build(tmp_path_factory.mktemp("cli"), tiny_model)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, token: str | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, headers={"authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def start(*args: str, **env_vars: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env_vars}
+    return subprocess.Popen([sys.executable, "-m", "tl_embed.cli", "serve", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, token: str | None = None) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            if get(url + "/healthz", token)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("tl-embed serve did not answer /healthz within 120 s")
+
+
+def stop(proc: subprocess.Popen) -> str:
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+
+
+def test_serves_on_loopback_quietly(served):
+    port = free_port()
+    proc = start(str(served.index), "--head", str(served.head), "--port", str(port))
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}")
+        status, info = get(f"http://127.0.0.1:{port}/info")
+        assert status == 200 and info["store"]["images"] == 12 and info["heads"][0]["name"] == "m"
+    finally:
+        err = stop(proc)
+    assert "warning" not in err and f"at http://127.0.0.1:{port}/" in err
+
+
+def test_another_host_warns_and_the_token_guards(served):
+    port = free_port()
+    proc = start(str(served.index), "--host", "0.0.0.0", "--port", str(port), TL_EMBED_TOKEN="t0k")  # not in ps
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}", token="t0k")
+        assert get(f"http://127.0.0.1:{port}/info")[0] == 401
+        assert get(f"http://127.0.0.1:{port}/info", token="t0k")[0] == 200
+    finally:
+        err = stop(proc)
+    assert "warning: listening on 0.0.0.0" in err and "no --token" not in err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["{missing}"], "is not a tl_embed index"),
+    (["{index}", "--head", "{missing}"], "does not exist"),
+    (["{index}", "--port", "70000"], "between 0 and 65535"),
+    (["{index}", "--host", "no-such-host.invalid"], "--host no-such-host.invalid"),
+    (["{index}", "--min-confidence", "2"], "between 0 and 1"),
+])
+def test_user_errors_are_one_line_exit_2(served, tmp_path, capsys, args, words):
+    fill = {"index": str(served.index), "missing": str(tmp_path / "nothing.tli")}
+    with pytest.raises(SystemExit) if "--min-confidence" in args else contextlib.nullcontext():
+        rc = main(["serve", *[a.format(**fill) for a in args]])
+        assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1
+
+
+def test_a_port_in_use_is_one_line(served, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        assert main(["serve", str(served.index), "--port", str(s.getsockname()[1])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot listen on 127.0.0.1" in err and len(err.splitlines()) == 1

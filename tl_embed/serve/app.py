@@ -1,0 +1,306 @@
+"""The HTTP service: FastAPI routes over a :class:`Service` (catalog, heads, runtime, batcher) loaded once.
+
+Every bad input is a 4xx with ``{"error": "..."}``: decoding runs through the same guards as
+``tl-embed embed`` (bombs, truncated files) with a lower pixel cap, in a bounded number of threads, and
+each embedding has a deadline, so one request can neither crash nor hang a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from anyio import CapacityLimiter, to_thread
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..embedding.backbones import check_compatible
+from ..embedding.images import ImageDecodeError, decode_bytes
+from ..embedding.runtime import Runtime, cpu_count
+from ..errors import TlEmbedError
+from ..heads.head import Head
+from .batching import Batcher
+from .catalog import MAX_K, THUMBNAIL_MAX, Catalog, NotFound
+from .guard import BodyTooLarge, Guard
+
+STATIC = Path(__file__).with_name("static")
+UPLOAD_PIXELS = 50_000_000  # an upload's header may claim at most this; more is refused as a bomb
+EMBED_TIMEOUT = 30.0  # seconds; a request never waits longer for its embedding
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Service:
+    """Everything the routes read; built once by :func:`load_service`, shared by all requests."""
+
+    catalog: Catalog
+    runtime: Runtime
+    heads: list[tuple[str, Head]] = field(default_factory=list)
+    min_confidence: float = 0.0
+    max_batch: int = 8
+    max_wait: float = 0.002
+    batcher: Batcher | None = None  # images -> embeddings
+    searcher: Batcher | None = None  # query vectors -> neighbours, one index call per batch
+    decoders: CapacityLimiter | None = None
+
+    def start(self) -> None:
+        self.batcher = Batcher(self.runtime, self.max_batch, self.max_wait)
+        self.searcher = Batcher(self.catalog.search_batch, 2 * self.max_batch, self.max_wait)
+
+    def stop(self) -> None:
+        for b in (self.batcher, self.searcher):
+            if b is not None:
+                b.close()
+
+
+def load_service(index: str | os.PathLike, heads: list[str] = (), runtime: str = "auto",
+                 min_confidence: float = 0.0, max_batch: int = 8, max_wait: float = 0.002) -> Service:
+    """Open the index, its store (read-only) and the heads; refuse heads made with another backbone."""
+    from ..embedding.query import runtime_for
+    from ..search.index import load_faiss
+
+    catalog = Catalog(index)
+    loaded = []
+    for path in heads:
+        head = Head.load(path)
+        check_compatible(catalog.index.spec, head.spec, f"head {path}")
+        loaded.append((Path(path).stem, head))
+    load_faiss().omp_set_num_threads(1)  # requests already run in parallel: no nested OpenMP teams
+    return Service(catalog, runtime_for(catalog.index.spec, runtime), loaded, min_confidence, max_batch, max_wait)
+
+
+class JsonQuery(BaseModel):
+    """A query by stored image (``id`` or ``path``) or by embedding (``vector``), as JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: int | None = None
+    path: str | None = None
+    vector: list[float] | None = None
+    k: int = 10
+    label: str | None = None
+
+    @model_validator(mode="after")
+    def one_source(self) -> JsonQuery:
+        given = [n for n in ("id", "path", "vector") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of id, path or vector")
+        return self
+
+
+@dataclass
+class ParsedQuery:
+    vector: np.ndarray
+    source: dict[str, Any]
+    k: int
+    label: str | None
+    exclude: int | None = None  # a stored image is not its own neighbour
+
+
+def create_app(service: Service, token: str | None = None, max_upload: int = 20_000_000) -> Guard:
+    """The ASGI app (FastAPI behind the :class:`Guard`); the batcher starts with the app and stops with it."""
+
+    async def lifespan(_app):
+        service.start()
+        service.decoders = CapacityLimiter(2 * cpu_count())  # bounds the memory of decoding in parallel
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(title="tl-embed", version=__version__, lifespan=lifespan,
+                  description="Similarity search and classification over a tl-embed index.")
+    _add_error_handlers(app)
+    catalog = service.catalog
+    score_name = "similarity" if catalog.metric == "cosine" else "distance"
+
+    async def parse(request: Request) -> ParsedQuery:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            form = await request.form(max_files=1, max_fields=8)
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(422, "send the image as the multipart file field 'image'")
+            data = await upload.read()
+            vector, width, height = await embed_upload(data)
+            source = {"kind": "upload", "filename": upload.filename, "width": width, "height": height}
+            label = form.get("label") or None
+            if label is not None and not isinstance(label, str):
+                raise ApiError(422, "label must be a text field")
+            return ParsedQuery(vector, source, _k(form.get("k", "10")), label)
+        if ctype == "application/json":
+            try:
+                body = JsonQuery.model_validate_json(await request.body())
+            except ValidationError as e:
+                raise ApiError(422, _validation_text(e.errors())) from None
+            k = _k(body.k)
+            if body.vector is not None:
+                vector = np.asarray(body.vector, np.float32)
+                if vector.shape != (catalog.index.spec.dim,) or not np.isfinite(vector).all():
+                    raise ApiError(422, f"vector must be {catalog.index.spec.dim} finite numbers")
+                return ParsedQuery(vector, {"kind": "vector"}, k, body.label)
+            ident = catalog.id_for(body.id, body.path)
+            return ParsedQuery(catalog.vector(ident), {"kind": "stored", **catalog.describe(ident)}, k,
+                               body.label, exclude=ident)
+        raise ApiError(415, "send multipart/form-data with an 'image' file field, or JSON with id, path or vector")
+
+    async def embed_upload(data: bytes) -> tuple[np.ndarray, int, int]:
+        if not data:
+            raise ApiError(422, "the uploaded file is empty")
+        size = catalog.index.spec.input_size
+        try:
+            pixels, width, height = await to_thread.run_sync(decode_bytes, data, size, UPLOAD_PIXELS,
+                                                             limiter=service.decoders)
+        except ImageDecodeError as e:
+            status = 415 if e.reason.startswith("not a recognised") else (
+                413 if e.reason.startswith("too large") else 422)
+            raise ApiError(status, f"cannot use the upload as an image: {e.reason}") from None
+        try:
+            vector = await asyncio.wait_for(asyncio.wrap_future(service.batcher.submit(pixels)), EMBED_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise ApiError(503, "the model is overloaded: no embedding within "
+                                f"{EMBED_TIMEOUT:.0f} s; try again") from None
+        return vector, width, height
+
+    request_body = {"content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "string", "format": "binary"}, "k": {"type": "integer", "default": 10},
+            "label": {"type": "string"}}}},
+        "application/json": {"schema": JsonQuery.model_json_schema()}}, "required": True}
+
+    @app.post("/search", openapi_extra={"requestBody": request_body}, summary="nearest stored images")
+    async def search(request: Request) -> dict:
+        """Neighbours of an uploaded image (multipart ``image``), a stored image (JSON ``id`` or ``path``)
+        or an embedding (JSON ``vector``); ``k`` of them, optionally only those labelled ``label``."""
+        t0 = time.perf_counter()
+        q = await parse(request)
+        if q.label is None:
+            found = await asyncio.wrap_future(service.searcher.submit(q.vector))
+        else:
+            found = await to_thread.run_sync(catalog.labelled, q.vector, q.label, q.k + 1)
+        hits = catalog.neighbours(found, q.k, q.exclude)
+        return {"query": q.source, "metric": catalog.metric, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
+                "neighbours": [{"rank": r, "id": h.id, "path": h.path, "label": h.label, score_name: round(h.score, 6),
+                                "image": f"/images/{h.id}", "thumbnail": f"/images/{h.id}?size=256"}
+                               for r, h in enumerate(hits, 1)]}
+
+    @app.post("/predict", openapi_extra={"requestBody": request_body}, summary="labels from each loaded head")
+    async def predict(request: Request) -> dict:
+        """Top-``k`` labels with probabilities from every head; ``unknown`` when the top probability is
+        below the service's ``--min-confidence``.  Takes the same query forms as ``/search``."""
+        if not service.heads:
+            raise ApiError(404, "no head is loaded: start the service with --head MODEL.tlh")
+        q = await parse(request)
+        out = []
+        for name, head in service.heads:
+            proba = (await to_thread.run_sync(head.predict_proba, q.vector[None, :]))[0]
+            order = np.argsort(-proba)[:min(q.k, len(head.classes))]
+            top = [{"label": head.classes[j], "probability": round(float(proba[j]), 4)} for j in order]
+            confident = top[0]["probability"] >= service.min_confidence
+            out.append({"head": name, "label": top[0]["label"] if confident else "unknown",
+                        "confidence": top[0]["probability"], "top": top})
+        return {"query": q.source, "min_confidence": service.min_confidence, "predictions": out}
+
+    @app.get("/images/{image_id}", summary="a stored image, or its thumbnail")
+    def image(image_id: int, size: int | None = Query(None, ge=16, le=THUMBNAIL_MAX,
+                                                      description="longer side of a JPEG thumbnail")):
+        """Only images the store holds, by id; ``size`` gives a JPEG thumbnail instead of the file."""
+        cache = {"cache-control": "private, max-age=3600", "x-content-type-options": "nosniff"}
+        if size is None:
+            return FileResponse(catalog.image_file(image_id), headers=cache)
+        return Response(catalog.thumbnail(image_id, size), media_type="image/jpeg", headers=cache)
+
+    @app.get("/healthz", summary="liveness")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/info", summary="what is loaded")
+    def info() -> dict:
+        """Backbone, counts, index type and its measured recall, heads, batching statistics."""
+        idx = catalog.index
+        b, sb = service.batcher, service.searcher
+        return {
+            "version": __version__,
+            "backbone": idx.spec.describe(), "spec": idx.spec.to_dict(), "runtime": service.runtime.name,
+            "index": {"path": str(idx.path), "type": idx.meta["factory"], "metric": catalog.metric,
+                      "vectors": len(idx), "recall_at_10": idx.meta.get("recall_at_10"),
+                      "recall_queries": idx.meta.get("recall_queries"),
+                      "search_params": idx.meta.get("search_params", {})},
+            "store": {"path": str(catalog.store_path), "images": len(catalog), "labels": catalog.label_counts},
+            "heads": [{"name": n, "head": h.head, "classes": h.classes} for n, h in service.heads],
+            "min_confidence": service.min_confidence,
+            "batching": {"max_batch": service.max_batch, "max_wait_ms": 1000 * service.max_wait,
+                         "batches": b.batches if b else 0, "images": b.images if b else 0,
+                         "search_batches": sb.batches if sb else 0, "searches": sb.images if sb else 0},
+        }
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return Guard(app, token, max_upload)
+
+
+def _k(value) -> int:
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise ApiError(422, f"k must be a whole number, not {value!r}") from None
+    if not 1 <= k <= MAX_K:
+        raise ApiError(422, f"k must be between 1 and {MAX_K}, not {k}")
+    return k
+
+
+def _validation_text(errors) -> str:
+    parts = []
+    for e in errors:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path"))
+        parts.append(f"{where}: {e['msg']}" if where else e["msg"])
+    return "; ".join(parts)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """One JSON shape for every error: ``{"error": "..."}``."""
+
+    def reply(status: int, message: str, headers=None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, e: ApiError):
+        return reply(e.status, str(e))
+
+    @app.exception_handler(NotFound)
+    async def not_found(_request, e: NotFound):
+        return reply(404, str(e))
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_request, e: BodyTooLarge):
+        return reply(413, str(e))
+
+    @app.exception_handler(TlEmbedError)
+    async def user_error(_request, e: TlEmbedError):
+        return reply(422, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, e: RequestValidationError):
+        return reply(422, _validation_text(e.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, e: StarletteHTTPException):
+        return reply(e.status_code, str(e.detail), getattr(e, "headers", None))
