@@ -27,3 +27,17 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def try_lock(lock_file: Path) -> int | None:
+    """Open ``lock_file`` and take an exclusive flock without waiting: the fd, or None when another
+    process holds it.  The OS releases the lock when the holder dies, so a killed writer never blocks."""
+    import fcntl
+
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

@@ -102,6 +102,16 @@ class EmbedReport:
     repaired: int = 0  # rows forgotten because their shard was lost (embedded again in this run)
     workers: set[str] = field(default_factory=set)  # ray engine: the actors (host:pid) that embedded images
 
+    def record_skipped(self, store: EmbeddingStore, failures: list[Failure],
+                       touched: list[tuple[str, int, int]]) -> None:
+        """Commit a batch's failures and touched-but-unchanged files together, and count them (both engines)."""
+        if failures:
+            store.record_failures(failures)
+            self.failed.extend(failures)
+        if touched:
+            store.touch(touched)
+            self.unchanged += len(touched)
+
     def text(self) -> str:
         rate = (f" ({self.embedded / self.embed_seconds:.1f} images/s with the {self.runtime} runtime)"
                 if self.embedded and self.embed_seconds else "")
@@ -303,13 +313,7 @@ def _embed_files(todo: list[ImageFile], store: EmbeddingStore, run: Runtime, siz
     previous = {f.rel: row for f in todo if (row := store.row_for(f.rel))}  # read once, not after every commit
 
     def record_skipped() -> None:
-        """Failures and touched-but-unchanged files, committed together rather than one by one."""
-        if failures:
-            store.record_failures(failures)
-            report.failed.extend(failures)
-        if touched:
-            store.touch(touched)
-            report.unchanged += len(touched)
+        report.record_skipped(store, failures, touched)
         bar.update(len(failures) + len(touched))
         failures.clear(), touched.clear()
 

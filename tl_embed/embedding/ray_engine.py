@@ -278,12 +278,7 @@ def commit(batch: dict[str, np.ndarray], files: dict[str, ImageFile], previous: 
             rows.append(ManifestRow(rel, f.label, f.split, sha, f.size, f.mtime_ns,
                                     int(batch["width"][i]), int(batch["height"][i])))
             keep.append(i)
-    if failures:
-        store.record_failures(failures)
-        report.failed.extend(failures)
-    if touched:
-        store.touch(touched)
-        report.unchanged += len(touched)
+    report.record_skipped(store, failures, touched)
     if rows:
         store.add(rows, batch["vector"][keep])
         report.embedded += len(rows)

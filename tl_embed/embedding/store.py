@@ -41,7 +41,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import StoreDamagedError, StoreError, StoreReadOnlyError
-from ..files import atomic_write, fsync_dir
+from ..files import atomic_write, fsync_dir, try_lock
 from .backbones import BackboneSpec
 
 FORMAT_VERSION = 1
@@ -709,21 +709,16 @@ def _read_meta(path: Path, conn: sqlite3.Connection) -> dict[str, str]:
 
 def _lock(path: Path) -> int:
     """Take the store's writer lock; the OS releases it if the process dies."""
-    import fcntl
-
     try:
-        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = try_lock(path / ".lock")
     except OSError as e:
         if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise StoreReadOnlyError(f"store {path} is read-only ({e.strerror}); it can be read but not "
                                      "changed") from None
         raise
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    if fd is None:
         raise StoreError(f"{path} is being written by another tl-embed process; "
-                         "wait for it to finish (only one writer at a time)") from None
+                         "wait for it to finish (only one writer at a time)")
     return fd
 
 

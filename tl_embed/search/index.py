@@ -35,7 +35,7 @@ import numpy as np
 from ..embedding.backbones import BackboneSpec, check_compatible
 from ..embedding.store import EmbeddingStore
 from ..errors import IndexDamagedError, TlEmbedError
-from ..files import atomic_write
+from ..files import atomic_write, try_lock
 
 METRICS = ("cosine", "l2")
 TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
@@ -560,8 +560,6 @@ def _writer_lock(out: Path) -> Iterator[None]:
 
     A folder this call created is removed again if the build fails, so no empty "index" is left.
     """
-    import fcntl
-
     created = not out.exists()
     if not created and not (out.is_dir() and (_holds_index(out) or (out / LOCK_FILE).exists()
                                                or not any(out.iterdir()))):
@@ -570,13 +568,10 @@ def _writer_lock(out: Path) -> Iterator[None]:
         out.mkdir(exist_ok=True)
     except FileNotFoundError:
         raise TlEmbedError(f"folder {out.parent} does not exist; create it first or choose another --out") from None
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = try_lock(out / LOCK_FILE)
+    if fd is None:
         raise TlEmbedError(f"index {out} is being written by another tl-embed process; wait for it to finish "
-                           "(only one writer at a time)") from None
+                           "(only one writer at a time)")
     done = False
     try:
         for tmp in out.glob(f".{DATA_FILE}.*.tmp"):  # a killed writer's; we hold the lock, none is live
