@@ -33,7 +33,7 @@ def synthetic(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray
 
 def bench_synthetic(heads: list[str]) -> None:
     from tl_embed.embedding.backbones import BackboneSpec
-    from tl_embed.heads.head import fit_head
+    from tl_embed.heads.fit import fit_head
 
     spec = BackboneSpec("synthetic", "random", "random", 224, "none", "avg", 1280)
     print(f"\n== synthetic 50 000 x 1280 ({os.cpu_count()} cores): train 50 000, test 10 000 ==")
@@ -62,7 +62,8 @@ def bench_real(heads: list[str], cache: Path) -> None:
     from sklearn.preprocessing import StandardScaler
 
     from tl_embed.embedding.store import EmbeddingStore
-    from tl_embed.heads.head import evaluate_predictions, fit_head
+    from tl_embed.heads.fit import fit_head
+    from tl_embed.heads.metrics import evaluate_predictions
     from tl_embed.heads.training import choose_split
 
     home = Path(tempfile.mkdtemp())

@@ -11,7 +11,8 @@ from tl_embed.embedding.backbones import BackboneSpec
 from tl_embed.embedding.sklearn_embedder import KerasImageEmbedder
 from tl_embed.embedding.store import EmbeddingStore, ManifestRow
 from tl_embed.errors import TlEmbedError
-from tl_embed.heads.head import HEADS, Head, fit_head
+from tl_embed.heads.fit import HEADS, fit_head
+from tl_embed.heads.head import Head
 from tl_embed.heads.training import choose_split, train_from_store
 
 SPEC = BackboneSpec("synthetic", "random", "random", 32, "none", "avg", 64)
@@ -39,8 +40,10 @@ def test_heads_learn_separable_features(head):
 def test_class_weight_balanced_helps_a_minority_class():
     X, y = blobs(n_per_class=100, classes=2, spread=3.0, seed=1)
     keep = np.r_[np.arange(100), np.arange(100, 110)]  # class c1 has 10 images
-    fitted, _ = fit_head(X[keep], y[keep], SPEC, "logreg", class_weight="balanced")
-    assert fitted.pipeline.named_steps["clf"].class_weight == "balanced"
+    balanced, _ = fit_head(X[keep], y[keep], SPEC, "logreg", class_weight="balanced", params={"clf__C": 0.1})
+    plain, _ = fit_head(X[keep], y[keep], SPEC, "logreg", params={"clf__C": 0.1})
+    minority = X[100:200]  # all of class c1, mostly unseen
+    assert (balanced.predict(minority) == "c1").mean() > (plain.predict(minority) == "c1").mean()
 
 
 def test_broken_input_fails_loudly():
@@ -86,7 +89,7 @@ def test_train_from_store_and_save_load_round_trip(tmp_path):
     assert loaded.spec == SPEC and loaded.versions["scikit-learn"] and loaded.metrics["accuracy"] > 0.95
     with pytest.raises(TlEmbedError, match="empty"):
         train_from_store(make_store(tmp_path / "e.tle", X[:0], y[:0]))
-    (tmp_path / "junk.tlh").write_bytes(b"not a pickle")
+    (tmp_path / "junk.tlh").write_bytes(b"not a model")
     with pytest.raises(TlEmbedError, match="not a readable"):
         Head.load(tmp_path / "junk.tlh")
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .options import add_command, add_runtime_option, fraction, positive_int
+from .options import add_command, add_runtime_option, add_trust_pickle_option, fraction, positive_int
 
 
 # ----------------------------------------------------------------- train
 def register_train(sub) -> None:
-    from ..heads.head import HEADS
+    from ..heads.fit import HEADS
 
     p = add_command(sub, "train", "train a classifier head on a store's labelled embeddings",
              "Train a scikit-learn head on the store's labelled rows and report on a held-out part: "
@@ -66,6 +66,7 @@ def register_predict(sub) -> None:
                    help="below this top probability the answer is 'unknown'")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     add_runtime_option(p)
+    add_trust_pickle_option(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -74,7 +75,7 @@ def cmd_predict(args) -> None:
     from ..heads.head import Head
     from ..heads.training import is_store, store_features
 
-    head = Head.load(args.model)
+    head = Head.load(args.model, args.trust_pickle)
     if len(args.inputs) == 1 and is_store(args.inputs[0]):
         X, _, paths = store_features(head, args.inputs[0])
         failed = []
@@ -122,6 +123,7 @@ def register_evaluate(sub) -> None:
     p.add_argument("--out", default=None,
                    help="also write OUT.report.json/.md and OUT.confusion.png")
     add_runtime_option(p)
+    add_trust_pickle_option(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -130,7 +132,7 @@ def cmd_evaluate(args) -> None:
     from ..heads.report import metrics_text, write_report
     from ..heads.training import evaluate_head
 
-    head = Head.load(args.model)
+    head = Head.load(args.model, args.trust_pickle)
     m = evaluate_head(head, args.data, args.split, args.runtime)
     print(f"{Path(args.model).name} on {args.data}:\n")
     print(metrics_text(m))

@@ -11,6 +11,7 @@ import errno
 import os
 import sqlite3
 import sys
+import warnings
 
 from .. import __version__
 from ..errors import TlEmbedError
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None, raise_errors: bool = False) -> int:
     """Entry point; ``raise_errors`` lets a caller (the pipeline runner) see user errors itself."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -45,6 +47,11 @@ def main(argv: list[str] | None = None, raise_errors: bool = False) -> int:
     except BrokenPipeError:  # e.g. `tl-embed models | head`
         sys.stdout = open(os.devnull, "w")
         return 0
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Library warnings (a model file from another scikit-learn, ...) as users see errors: one line."""
+    return f"tl-embed: warning: {message}\n"
 
 
 _ERRNO_HINTS = {

@@ -88,3 +88,9 @@ def fraction(value: str) -> float:
     if not 0.0 <= x <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value}")
     return x
+
+
+def add_trust_pickle_option(p) -> None:
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="also open model files of the old pickle format (loading one runs code from the file: "
+                        "only for files you trust)")

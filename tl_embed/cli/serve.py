@@ -8,7 +8,7 @@ import socket
 import sys
 
 from ..errors import TlEmbedError
-from .options import add_command, add_runtime_option, fraction, positive_int
+from .options import add_command, add_runtime_option, add_trust_pickle_option, fraction, positive_int
 
 
 def register_serve(sub) -> None:
@@ -33,6 +33,7 @@ def register_serve(sub) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=2.0,
                    help="how long the first image of a batch waits for others")
     add_runtime_option(p)
+    add_trust_pickle_option(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -54,7 +55,7 @@ def cmd_serve(args) -> None:
         print(f"tl-embed: warning: listening on {args.host}: anyone who can reach this machine can search and "
               f"read the store's images{'' if token else ' (no --token set)'}", file=sys.stderr)
     service = load_service(args.index, args.head, args.runtime, args.min_confidence, args.max_batch,
-                           args.batch_wait_ms / 1000)
+                           args.batch_wait_ms / 1000, args.trust_pickle)
     app = create_app(service, token, args.max_upload_mb * 1_000_000)
     host, port = sock.getsockname()[:2]
     print(f"tl-embed: serving {service.catalog.index.path} ({len(service.catalog)} images, "

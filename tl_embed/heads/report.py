@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..files import atomic_write
-from .head import Metrics
+from .metrics import Metrics
 
 
 def metrics_text(m: Metrics) -> str:

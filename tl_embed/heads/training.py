@@ -15,7 +15,8 @@ from ..embedding.backbones import check_compatible
 from ..embedding.query import embed_for
 from ..embedding.store import MANIFEST, EmbeddingStore
 from ..errors import TlEmbedError
-from .head import Head, Metrics, evaluate_predictions, fit_head
+from .head import Head
+from .metrics import Metrics, evaluate_predictions
 
 
 def is_store(path: str | os.PathLike) -> bool:
@@ -64,6 +65,8 @@ def train_from_store(store_path: str | os.PathLike, head: str = "logreg",
                      class_weight: str | None = None, test_size: float = 0.2, seed: int = 0,
                      cv: int = 3) -> TrainResult:
     """Train on the store's labelled training rows and evaluate on its held-out rows."""
+    from .fit import fit_head  # scikit-learn: only training needs it
+
     with EmbeddingStore.open(store_path) as store:
         if len(store) == 0:
             raise TlEmbedError(f"store {store_path} is empty")

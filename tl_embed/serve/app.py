@@ -70,7 +70,8 @@ class Service:
 
 
 def load_service(index: str | os.PathLike, heads: list[str] = (), runtime: str = "auto",
-                 min_confidence: float = 0.0, max_batch: int = 8, max_wait: float = 0.002) -> Service:
+                 min_confidence: float = 0.0, max_batch: int = 8, max_wait: float = 0.002,
+                 trust_pickle: bool = False) -> Service:
     """Open the index, its store (read-only) and the heads; refuse heads made with another backbone."""
     from ..embedding.query import runtime_for
     from ..search.index import load_faiss
@@ -78,7 +79,7 @@ def load_service(index: str | os.PathLike, heads: list[str] = (), runtime: str =
     catalog = Catalog(index)
     loaded = []
     for path in heads:
-        head = Head.load(path)
+        head = Head.load(path, trust_pickle)
         check_compatible(catalog.index.spec, head.spec, f"head {path}")
         loaded.append((Path(path).stem, head))
     load_faiss().omp_set_num_threads(1)  # requests already run in parallel: no nested OpenMP teams
