@@ -13,7 +13,7 @@ from .options import add_command, add_runtime_option, add_trust_pickle_option, f
 
 # ----------------------------------------------------------------- train
 def register_train(sub) -> None:
-    from ..heads.fit import HEADS
+    from ..heads.head import HEADS
 
     p = add_command(sub, "train", "train a classifier head on a store's labelled embeddings",
              "Train a scikit-learn head on the store's labelled rows and report on a held-out part: "

@@ -17,9 +17,8 @@ from .. import __version__
 from ..embedding.backbones import BackboneSpec
 from ..errors import TlEmbedError
 from .convert import steps_from_pipeline
-from .head import Head, check_features
+from .head import HEADS, Head, check_features
 
-HEADS = ("logreg", "svm", "knn")
 SEARCH_MAX_SAMPLES = 6000  # hyper-parameters are chosen on at most this many rows, then refit on all
 
 GRIDS: dict[str, dict[str, list]] = {
