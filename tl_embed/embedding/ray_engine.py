@@ -16,6 +16,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 from ..errors import TlEmbedError
 from .backbones import BackboneSpec, LoadedBackbone
 from .images import ImageDecodeError, load_image
-from .runtime import KerasRuntime, OpenVINORuntime, Runtime, check_runtime, cpu_count, fallback, load_or_convert
+from .runtime import KerasRuntime, OpenVINORuntime, Runtime, check_runtime, cpu_count, fallback, load_or_convert, stream
 from .scan import ImageFile
 from .store import EmbeddingStore, Failure, ManifestRow
 
@@ -127,12 +128,19 @@ class Embedder:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = list(self.pool.map(self._decode, batch["path"]))
+        results: list = []
+
+        def decoded() -> Iterator[tuple[int, np.ndarray]]:
+            """Each image handed to the model as soon as it is decoded: decoding overlaps inference."""
+            for i, r in enumerate(self.pool.map(self._decode, batch["path"])):
+                results.append(r)
+                if not isinstance(r, ImageDecodeError):
+                    yield i, r.pixels[None]
+
+        vectors = np.zeros((len(batch["path"]), self.dim), np.float32)
+        for i, vector in stream(self.run, decoded()):
+            vectors[i] = vector[0]
         n = len(results)
-        ok = [i for i, r in enumerate(results) if not isinstance(r, ImageDecodeError)]
-        vectors = np.zeros((n, self.dim), np.float32)
-        if ok:
-            vectors[ok] = self.run(np.stack([results[i].pixels for i in ok]))
         good = [None if isinstance(r, ImageDecodeError) else r for r in results]
         return {
             "rel": batch["rel"],
@@ -200,9 +208,11 @@ def embed_with_ray(todo: list[ImageFile], store: EmbeddingStore, backbone: Loade
     Ctrl-C (or a killed driver) loses only the batches in flight: the next run's plan continues.
     """
     ray = import_ray()
-    started = start_ray(options.address)
+    with ThreadPoolExecutor(1, thread_name_prefix="convert") as pool:
+        converting = pool.submit(ship_model, backbone, runtime)  # overlaps Ray's start-up (~5 s on 2 cores)
+        started = start_ray(options.address)
     try:
-        shipped = ship_model(backbone, runtime)
+        shipped = converting.result()
         report.runtime = shipped.kind
         files = {f.rel: f for f in todo}
         previous = {f.rel: row for f in todo if (row := store.row_for(f.rel))}  # read once, not per commit

@@ -197,10 +197,15 @@ class OpenVINORuntime:
                  extra: dict | None = None) -> None:
         import openvino as ov
 
+        threads = threads or cpu_count()
         compiled = ov.Core().compile_model(model, "CPU", {
             "PERFORMANCE_HINT": "THROUGHPUT",
             "INFERENCE_PRECISION_HINT": "f32",  # never bf16/fp16 behind the user's back
-            "INFERENCE_NUM_THREADS": threads or cpu_count(),
+            "INFERENCE_NUM_THREADS": threads,
+            # A process given fewer threads than the machine's cores (a Ray actor) shares the machine
+            # with others: pinned, every such process puts its threads on the same first cores (two
+            # actors on 2 cores ran at half speed each, 25 vs 46 img/s for MobileNetV2).
+            "ENABLE_CPU_PINNING": threads >= cpu_count(),
             **(extra or {}),
         })
         self.streams = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
