@@ -215,14 +215,36 @@ def _write_tflite(model, path: Path, size: int) -> None:
 def _write_onnx(model, path: Path, size: int) -> None:
     import tensorflow as tf
     import tf2onnx
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     sig = [tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT_NAME)]
-    fn = tf.function(lambda images: {OUTPUT_NAME: model(images, training=False)}, input_signature=sig)
+    fn = tf.function(lambda images: model(images, training=False), input_signature=sig)
+    # frozen first: from_function leaves some captured constants (EfficientNet's normalisation, ResNet's
+    # mean pixel) as extra graph inputs, a model no runtime can feed
+    frozen = convert_variables_to_constants_v2(fn.get_concrete_function())
     try:
-        tf2onnx.convert.from_function(fn, input_signature=sig, opset=ONNX_OPSET, output_path=str(path))
+        proto, _ = tf2onnx.convert.from_graph_def(
+            frozen.graph.as_graph_def(), input_names=[t.name for t in frozen.inputs],
+            output_names=[t.name for t in frozen.outputs], opset=ONNX_OPSET)
     except Exception as e:  # noqa: BLE001 - the converter raises anything on an op it lacks
         raise TlEmbedError(f"tf2onnx could not convert this model ({type(e).__name__}: {_first_line(e)}); "
                            "export it as openvino or savedmodel instead") from None
+    if len(proto.graph.input) != 1:
+        raise TlEmbedError(f"tf2onnx left {len(proto.graph.input)} inputs in the ONNX model instead of one; "
+                           "export it as openvino or savedmodel instead")
+    _rename(proto.graph, proto.graph.input[0].name, INPUT_NAME)  # "image:0" -> "image", as the other formats
+    _rename(proto.graph, proto.graph.output[0].name, OUTPUT_NAME)
+    path.write_bytes(proto.SerializeToString())
+
+
+def _rename(graph, old: str, new: str) -> None:
+    """Rename an ONNX graph input/output everywhere it is produced or consumed."""
+    for value in [*graph.input, *graph.output]:
+        if value.name == old:
+            value.name = new
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
 
 
 def _write_openvino(model, path: Path, size: int) -> None:
