@@ -20,6 +20,7 @@ The export folder holds the model, ``labels.txt``, a ``README.md`` saying how to
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -217,6 +218,8 @@ def _write_onnx(model, path: Path, size: int) -> None:
     import tf2onnx
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
+    for name in ("tensorflow", "tf2onnx"):  # deprecation notices of the TF1 APIs the converter relies on
+        logging.getLogger(name).setLevel(logging.ERROR)
     sig = [tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT_NAME)]
     fn = tf.function(lambda images: model(images, training=False), input_signature=sig)
     # frozen first: from_function leaves some captured constants (EfficientNet's normalisation, ResNet's
