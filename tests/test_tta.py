@@ -131,9 +131,10 @@ def test_queries_heads_and_indexes_use_the_store_tta(tmp_path, folder, tiny_mode
     with EmbeddingStore.open(store) as s:
         spec = s.spec
     outside = shutil.copytree(folder, tmp_path / "copies")  # not the stored paths: embedded as queries
-    q = embed_for(spec, [outside])
-    for path, vector in zip(q.paths, q.vectors, strict=True):
-        np.testing.assert_allclose(vector, stored[path.relative_to(outside).as_posix()], rtol=1e-5, atol=1e-6)
+    for runtime in ("auto", "keras"):  # the cached converted model, and the rebuilt Keras model
+        q = embed_for(spec, [outside], runtime)
+        for path, vector in zip(q.paths, q.vectors, strict=True):
+            np.testing.assert_allclose(vector, stored[path.relative_to(outside).as_posix()], rtol=1e-5, atol=1e-5)
     plain = embed_for(replace(spec, tta="none"), [outside])
     assert np.abs(plain.vectors - q.vectors).max() > 1e-3
 
@@ -179,3 +180,16 @@ def test_ray_engine_stores_what_the_local_engine_stores_with_tta(tmp_path, folde
         np.testing.assert_allclose(remote[k], v, rtol=1e-5, atol=1e-6)
     with EmbeddingStore.open(tmp_path / "ray.tle") as s:
         assert s.spec.tta == "flip"
+
+
+def test_pipeline_steps_take_tta_and_check_its_value(tmp_path):
+    from tl_embed.cli import pipeline
+
+    step = '[vars]\nimages = "x"\n\n[[step]]\nname = "e"\nrun = "embed"\nargs = ["{images}"]\n' \
+           '[step.options]\nout = "x.tle"\ntta = "%s"\n'
+    (tmp_path / "p.toml").write_text(step % "flip")
+    [loaded] = pipeline.load(tmp_path / "p.toml").steps
+    assert loaded.argv[-2:] == ["--tta", "flip"]
+    (tmp_path / "p.toml").write_text(step % "mirror")
+    with pytest.raises(TlEmbedError, match=r"p.toml:4: step 'e': argument --tta: invalid choice: 'mirror'"):
+        pipeline.load(tmp_path / "p.toml")
