@@ -39,6 +39,10 @@ def new_index(factory: str, dim: int, metric: str):
     for layer in layers(index):
         if hasattr(layer, "do_polysemous_training"):  # PQ: minutes of annealing for a search mode we never use
             layer.do_polysemous_training = False
+        if hasattr(layer, "pq") and layer.pq.M >= 64:
+            # hundreds of tiny k-means take minutes (114 s for PQ320 on 10k rows); one code book shared by
+            # all sub-quantizers trains in a second, and re-ranking repairs the coarser shortlist
+            layer.pq.train_type = faiss.ProductQuantizer.Train_shared
         if hasattr(layer, "use_precomputed_table"):  # IVF-PQ L2 tables: nlist x d x 256 floats, GBs at 1280-d
             layer.use_precomputed_table = -1
     return index if _takes_ids(index) else faiss.IndexIDMap2(index)
