@@ -5,12 +5,13 @@ Two ways to find the pairs, both ending in the same exact check and grouping:
 * ``exact``: a range search of every vector against a flat index of all of them (O(N^2), the
   reference; the index holds the N x D vectors).
 * ``ann``: each vector's ``k`` nearest neighbours in a temporary IVF index over PCA-reduced vectors
-  (N x 128 float32, built from the store streamed in chunks).  A projection never lengthens a
-  distance, so a pair within the cosine threshold is also within the matching L2 radius in the reduced
-  space: only neighbours inside it are candidates, and each candidate's cosine is then computed from
-  the store's full vectors, so the answer has no false positives.  What it can miss is a duplicate
-  that is not among a vector's ``k`` nearest in the reduced space (or not in a probed list);
-  ``benchmarks/dedup_scale.py`` measures that against exact search.
+  (N x 64 float32, plus a float16 copy as the queries; built from the store streamed in chunks).
+  A projection never lengthens a distance, so a pair within the cosine threshold is also within the
+  matching L2 radius in the reduced space: only neighbours inside it are candidates, and each
+  candidate's cosine is then computed from the store's full vectors, so the answer has no false
+  positives.  What it can miss is a duplicate that is not among a vector's ``k`` nearest in the
+  reduced space (or not in a probed list); ``benchmarks/dedup_scale.py`` measures that against
+  exact search.
 
 Pairs become groups with scipy's connected components; no Python loop ever runs over pairs.
 """
@@ -30,7 +31,7 @@ from .index import load_faiss, prepare_vectors
 
 MODES = ("auto", "exact", "ann")
 EXACT_MAX = 20_000  # auto: exact all-pairs search up to this many vectors, ANN candidates beyond
-REDUCED_DIM = 128  # ANN candidates are searched in this many PCA dimensions
+REDUCED_DIM = 64  # ANN candidates are searched in this many PCA dimensions
 NPROBE = 16  # IVF lists searched per vector
 TRAIN_PER_LIST = 16  # k-means training points per IVF list (coarse lists need few)
 VERIFY_BYTES = 512 * 2**20  # full-precision vectors gathered at once to verify candidate pairs
