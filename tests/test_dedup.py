@@ -67,7 +67,7 @@ def test_auto_picks_ann_above_exact_max_and_finds_planted_groups(tmp_path, monke
     assert rows_of(found) == groups
 
 
-@pytest.mark.parametrize("dim", [24, 96])  # 96 > REDUCED_DIM: candidates come from PCA-reduced vectors
+@pytest.mark.parametrize("dim", [24, 160])  # 160 > REDUCED_DIM: candidates come from PCA-reduced vectors
 def test_ann_and_exact_give_the_same_groups_and_similarities(tmp_path, dim):
     x, groups = planted(3000, dim, seed=dim)
     store = make_store(tmp_path / "s.tle", x)
@@ -135,3 +135,9 @@ def test_bad_mode_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["dedup", "S", "--mode", "fast"])
     assert "argument --mode: invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_auto_stays_exact_up_to_exact_max(tmp_path, monkeypatch):
+    x, groups = planted(500, 16)
+    monkeypatch.setattr(dedup, "_ann_pairs", lambda *a: pytest.fail("auto took the ANN path"))
+    assert rows_of(find_duplicates(make_store(tmp_path / "s.tle", x), 0.99, exact_max=500)) == groups

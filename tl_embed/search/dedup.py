@@ -5,7 +5,7 @@ Two ways to find the pairs, both ending in the same exact check and grouping:
 * ``exact``: a range search of every vector against a flat index of all of them (O(N^2), the
   reference; the index holds the N x D vectors).
 * ``ann``: each vector's ``k`` nearest neighbours in a temporary IVF index over PCA-reduced vectors
-  (N x 64 float32, plus a float16 copy as the queries; built from the store streamed in chunks).
+  (N x 128 float32, plus a float16 copy as the queries; built from the store streamed in chunks).
   A projection never lengthens a distance, so a pair within the cosine threshold is also within the
   matching L2 radius in the reduced space: only neighbours inside it are candidates, and each
   candidate's cosine is then computed from the store's full vectors, so the answer has no false
@@ -30,8 +30,8 @@ from ..errors import TlEmbedError
 from .index import load_faiss, prepare_vectors
 
 MODES = ("auto", "exact", "ann")
-EXACT_MAX = 20_000  # auto: exact all-pairs search up to this many vectors, ANN candidates beyond
-REDUCED_DIM = 64  # ANN candidates are searched in this many PCA dimensions
+EXACT_MAX = 10_000  # auto: exact all-pairs search up to this many vectors, ANN candidates beyond
+REDUCED_DIM = 128  # ANN candidates are searched in this many PCA dimensions
 NPROBE = 16  # IVF lists searched per vector
 TRAIN_PER_LIST = 16  # k-means training points per IVF list (coarse lists need few)
 VERIFY_BYTES = 512 * 2**20  # full-precision vectors gathered at once to verify candidate pairs
@@ -123,8 +123,9 @@ def _ann_pairs(store: EmbeddingStore, threshold: float, k: int, progress: bool) 
         for start in range(0, n, SEARCH_BATCH):
             q = reduced[start:start + SEARCH_BATCH].astype(np.float32)
             dist, nbrs = search_preassigned(index, q, min(k + 1, n), probes[start:start + len(q)].astype(np.int64))
-            near = (dist <= radius) & (nbrs >= 0)
-            found.append((np.nonzero(near)[0] + start, nbrs[near]))
+            rows = np.arange(start, start + len(q))[:, None]
+            near = (dist <= radius) & (nbrs >= 0) & (nbrs != rows)
+            found.append((np.broadcast_to(rows, near.shape)[near], nbrs[near]))
             bar.update(len(q))
     del index, reduced, probes
     i, j = (np.concatenate(a) for a in zip(*found, strict=True))
@@ -144,7 +145,8 @@ def ivf_lists(n: int) -> int:
 def _fit_projection(store: EmbeddingStore, samples: int, progress: bool):
     """Centring, then projection onto the top principal axes fitted on an evenly spread sample (if dim is larger)."""
     step = max(1, len(store) // samples)
-    sample = np.concatenate([x[(-start) % step::step] for start, x in _chunks(store, "dedup: sampling", progress)])
+    chunks = _chunks(store, "dedup: sampling", progress)
+    sample = np.concatenate([x[(-start) % step::step].copy() for start, x in chunks])  # copies: chunks are freed
     mean = sample.mean(axis=0)
     if store.dim <= REDUCED_DIM:
         return lambda x: x - mean
@@ -192,15 +194,15 @@ def _cosines(store: EmbeddingStore, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """
     out = np.empty(len(i), np.float32)
     rows_per_block = max(2, VERIFY_BYTES // (store.dim * 4))
-    pairs_per_block = len(i) if len(np.union1d(i, j)) <= rows_per_block else rows_per_block // 2
+    pairs_per_block = max(1, len(i) if len(np.union1d(i, j)) <= rows_per_block else rows_per_block // 2)
     for lo in range(0, len(i), pairs_per_block):
         bi, bj = i[lo:lo + pairs_per_block], j[lo:lo + pairs_per_block]
         rows, inverse = np.unique(np.concatenate([bi, bj]), return_inverse=True)
-        vectors = prepare_vectors(store.take(rows), "cosine")
+        vectors = store.take(rows)
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         a, b = inverse[:len(bi)], inverse[len(bi):]
-        for p in range(0, len(bi), SEARCH_BATCH):
-            out[lo + p:lo + p + SEARCH_BATCH] = np.einsum(
-                "ij,ij->i", vectors[a[p:p + SEARCH_BATCH]], vectors[b[p:p + SEARCH_BATCH]])
+        for p in range(0, len(bi), 4096):
+            out[lo + p:lo + p + 4096] = np.einsum("ij,ij->i", vectors[a[p:p + 4096]], vectors[b[p:p + 4096]])
     return out
 
 
