@@ -110,18 +110,30 @@ def cmd_search(args) -> None:
 
 
 def register_dedup(sub) -> None:
-    p = add_command(sub, "dedup", "report groups of near-duplicate images in a store")
+    from ..search.dedup import EXACT_MAX, MODES
+
+    p = add_command(sub, "dedup", "report groups of near-duplicate images in a store",
+                    "Report groups of near-duplicate images: pairs of embeddings at or above a cosine "
+                    "similarity, joined into connected groups. Small stores compare all pairs; large ones "
+                    "take each image's nearest neighbours from a temporary approximate index as candidates "
+                    "and check each candidate exactly.")
     p.add_argument("store")
     p.add_argument("--threshold", type=fraction, default=0.95, help="cosine similarity for duplicates")
+    p.add_argument("--mode", choices=MODES, default="auto",
+                   help=f"exact: all pairs; ann: each image's -k nearest neighbours as candidates; "
+                        f"auto: exact up to {EXACT_MAX:,} images, ann beyond")
+    p.add_argument("-k", type=positive_int, default=10,
+                   help="ann: neighbours checked per image (raise it for groups larger than k+1)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--out", default=None, help="write the report to this file instead of printing it")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_dedup)
 
 
 def cmd_dedup(args) -> None:
     from ..search.dedup import find_duplicates
 
-    groups = find_duplicates(args.store, args.threshold)
+    groups = find_duplicates(args.store, args.threshold, args.mode, args.k, progress=not args.quiet)
     buf = io.StringIO()
     if args.format == "json":
         buf.write(json.dumps([[{"path": p, "similarity": round(s, 4)} for p, s in g] for g in groups], indent=2))
