@@ -58,8 +58,9 @@ def cmd_train(args) -> None:
 def register_predict(sub) -> None:
     p = add_command(sub, "predict", "label new images (or a store) with a trained head",
              "Embed the inputs with the backbone recorded in the model file and print the top-k "
-             "labels with probabilities. Inputs are images, folders, or a store (.tle).")
-    p.add_argument("model", help="model file from `tl-embed train`")
+             "labels with probabilities. Inputs are images, folders, or a store (.tle). MODEL may also "
+             "be a folder written by `tl-embed export-model`: its one model then labels the images.")
+    p.add_argument("model", help="model file from `tl-embed train`, or an export-model folder")
     p.add_argument("inputs", nargs="+", help="images, folders of images, or a store")
     p.add_argument("--top-k", type=positive_int, default=1)
     p.add_argument("--min-confidence", type=fraction, default=0.0,
@@ -71,6 +72,27 @@ def register_predict(sub) -> None:
 
 
 def cmd_predict(args) -> None:
+    from ..heads.export import is_export_dir
+
+    if is_export_dir(args.model):
+        classes, proba, paths, failed = _predict_exported(args)
+    else:
+        classes, proba, paths, failed = _predict_head(args)
+    k = max(1, min(args.top_k, len(classes)))
+    top = np.argsort(-proba, axis=1)[:, :k]
+    rows = []
+    for i, path in enumerate(paths):
+        preds = [(classes[j], float(proba[i, j])) for j in top[i]]
+        label = preds[0][0] if preds[0][1] >= args.min_confidence else "unknown"
+        rows.append({"path": path, "label": label, "confidence": preds[0][1],
+                     "top": [{"label": c, "probability": round(p, 4)} for c, p in preds]})
+    _print_rows(rows, args.format, k)
+    for path, reason in failed:
+        print(f"tl-embed: skipped {path}: {reason}", file=sys.stderr)
+
+
+def _predict_head(args) -> tuple[list[str], np.ndarray, list[str], list]:
+    """(classes, probabilities, paths, failed) of a model file: embed, then the head's steps."""
     from ..embedding.query import embed_for
     from ..heads.head import Head
     from ..heads.training import is_store, store_features
@@ -82,18 +104,30 @@ def cmd_predict(args) -> None:
     else:
         emb = embed_for(head.spec, args.inputs, args.runtime)
         X, paths, failed = emb.vectors, [str(p) for p in emb.paths], emb.failed
-    k = max(1, min(args.top_k, len(head.classes)))
     proba = head.predict_proba(X) if len(paths) else np.zeros((0, len(head.classes)))
-    top = np.argsort(-proba, axis=1)[:, :k]
-    rows = []
-    for i, path in enumerate(paths):
-        preds = [(head.classes[j], float(proba[i, j])) for j in top[i]]
-        label = preds[0][0] if preds[0][1] >= args.min_confidence else "unknown"
-        rows.append({"path": path, "label": label, "confidence": preds[0][1],
-                     "top": [{"label": c, "probability": round(p, 4)} for c, p in preds]})
-    _print_rows(rows, args.format, k)
-    for path, reason in failed:
-        print(f"tl-embed: skipped {path}: {reason}", file=sys.stderr)
+    return head.classes, proba, paths, failed
+
+
+def _predict_exported(args) -> tuple[list[str], np.ndarray, list[str], list]:
+    """The same from an export folder: its one model maps decoded images to probabilities."""
+    from ..embedding.query import embed_paths
+    from ..embedding.scan import expand_inputs
+    from ..errors import TlEmbedError
+    from ..heads.export import load_export
+    from ..heads.training import is_store
+
+    if any(is_store(i) for i in args.inputs):
+        raise TlEmbedError(f"{args.model} is an exported model: it takes images, not a store's embeddings; "
+                           "label a store with the .tlh model file")
+    if args.runtime != "auto":
+        raise TlEmbedError(f"--runtime does not apply to an exported model: {args.model} runs in its own format")
+    model = load_export(args.model)
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        raise TlEmbedError("no images found in " + ", ".join(map(str, args.inputs)))
+    out = embed_paths(paths, model, model.input_size)
+    proba = out.vectors if len(out.paths) else np.zeros((0, len(model.classes)))
+    return model.classes, proba, [str(p) for p in out.paths], out.failed
 
 
 def _print_rows(rows: list[dict], fmt: str, k: int) -> None:
@@ -140,6 +174,39 @@ def cmd_evaluate(args) -> None:
         paths = write_report(m, Path(args.out), f"evaluation of {Path(args.model).name}",
                              {"data": args.data, "backbone": head.spec.describe()})
         print("\nwrote " + ", ".join(map(str, paths)))
+
+
+# ----------------------------------------------------------- export-model
+def register_export_model(sub) -> None:
+    from ..heads.export import FORMATS
+
+    p = add_command(sub, "export-model", "export a head with its backbone as one model (images -> probabilities)",
+             "Fold the backbone, its preprocessing and the head into one model taking RGB uint8 images "
+             "(N, S, S, 3) at the backbone's input size and returning class probabilities. Writes the "
+             "folder OUT: the model, labels.txt (one class per line, in output order), README.md (how to "
+             "call it) and export.json (so `tl-embed predict OUT images...` runs it). A previous export "
+             "in OUT is replaced; any other non-empty folder is refused.")
+    p.add_argument("model", help="model file from `tl-embed train`")
+    p.add_argument("--format", required=True, choices=list(FORMATS),
+                   help="keras (.keras file), savedmodel (TensorFlow SavedModel), tflite (fp32), "
+                        "onnx (needs tl_embed[export]), openvino (IR, fp32)")
+    p.add_argument("--out", "-o", required=True, help="folder to write")
+    add_trust_pickle_option(p)
+    p.set_defaults(func=cmd_export_model)
+
+
+def cmd_export_model(args) -> None:
+    from ..heads.export import FORMATS, check_format, export_model
+    from ..heads.head import Head
+
+    check_format(args.format)
+    head = Head.load(args.model, args.trust_pickle)
+    res = export_model(head, args.format, args.out)
+    s = head.spec.input_size
+    print(f"exported {Path(args.model).name} ({head.head} head, {head.spec.describe()}) as {args.format} "
+          f"in {res.seconds:.1f} s: {res.out / FORMATS[args.format]} ({res.bytes / 1e6:.1f} MB)")
+    print(f"input 'image': uint8 RGB 0-255, (N, {s}, {s}, 3); output 'probabilities': (N, {len(head.classes)}) "
+          f"in the order of {res.out / 'labels.txt'}; see {res.out / 'README.md'}")
 
 
 # -------------------------------------------------------------- classify

@@ -106,6 +106,6 @@ def _commands() -> list:
 
     return [embedding.register_models, embedding.register_embed, embedding.register_info,
             embedding.register_export, heads.register_train, heads.register_predict,
-            heads.register_evaluate, heads.register_classify, search.register_index,
+            heads.register_evaluate, heads.register_export_model, heads.register_classify, search.register_index,
             search.register_search, search.register_dedup, serve.register_serve, pipeline.register_run]
 

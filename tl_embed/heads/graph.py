@@ -133,9 +133,11 @@ def _knn_vote(x: np.ndarray, vectors: np.ndarray, labels: np.ndarray, k: int, we
               classes: int) -> np.ndarray:
     """scikit-learn's ``KNeighborsClassifier`` on L2-normalised vectors (euclidean = cosine order)."""
     out = np.zeros((len(x), classes))
+    vectors = np.asarray(vectors, dtype=np.float64)  # float32 norms leave ~1e-8 between a vector and itself
+    norms = (vectors * vectors).sum(1)
     for start in range(0, len(x), 1024):  # bounded (chunk x stored) distance matrix
         q = x[start:start + 1024]
-        d2 = np.maximum((q * q).sum(1, keepdims=True) - 2 * q @ vectors.T + (vectors * vectors).sum(1), 0)
+        d2 = np.maximum((q * q).sum(1, keepdims=True) - 2 * q @ vectors.T + norms, 0)
         near = np.argsort(d2, axis=1, kind="stable")[:, :k]
         dist = np.sqrt(np.take_along_axis(d2, near, axis=1))
         if weights == "uniform":
