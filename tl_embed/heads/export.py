@@ -379,9 +379,13 @@ def _load_keras(path: Path) -> Callable:
     _quiet_tensorflow()
     configure_threads()
     import keras
+    import tensorflow as tf
 
     model = keras.saving.load_model(path, compile=False)
-    return lambda x: keras.ops.convert_to_numpy(model(x, training=False))
+    size = model.input_shape[1]
+    fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True,  # traced once, as KerasRuntime
+                     input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
+    return lambda x: fn(tf.constant(x)).numpy()
 
 
 def _load_savedmodel(path: Path) -> Callable:
