@@ -141,3 +141,12 @@ def test_auto_stays_exact_up_to_exact_max(tmp_path, monkeypatch):
     x, groups = planted(500, 16)
     monkeypatch.setattr(dedup, "_ann_pairs", lambda *a: pytest.fail("auto took the ANN path"))
     assert rows_of(find_duplicates(make_store(tmp_path / "s.tle", x), 0.99, exact_max=500)) == groups
+
+
+def test_verification_in_several_bounded_passes_gives_the_same_answer(tmp_path, monkeypatch):
+    x, groups = planted(3000, 160, seed=7)
+    store = make_store(tmp_path / "s.tle", x)
+    whole = find_duplicates(store, 0.99, mode="ann")
+    monkeypatch.setattr(dedup, "VERIFY_BYTES", 7 * 160 * 4)  # 7 rows at a time: 3 pairs per pass
+    assert find_duplicates(store, 0.99, mode="ann") == whole
+    assert rows_of(whole) == groups

@@ -202,7 +202,8 @@ def _cosines(store: EmbeddingStore, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         a, b = inverse[:len(bi)], inverse[len(bi):]
         for p in range(0, len(bi), 4096):
-            out[lo + p:lo + p + 4096] = np.einsum("ij,ij->i", vectors[a[p:p + 4096]], vectors[b[p:p + 4096]])
+            sims = np.einsum("ij,ij->i", vectors[a[p:p + 4096]], vectors[b[p:p + 4096]])
+            out[lo + p:lo + p + len(sims)] = sims
     return out
 
 
