@@ -8,6 +8,7 @@ from tl_embed.cli import main
 from tl_embed.embedding.backbones import BackboneSpec
 from tl_embed.embedding.store import EmbeddingStore, ManifestRow
 from tl_embed.errors import TlEmbedError
+from tl_embed.search.choose import Choice, choose
 from tl_embed.search.dedup import find_duplicates
 from tl_embed.search.index import Index, choose_factory
 
@@ -28,10 +29,14 @@ def make_store(path, vectors, names=None):
     return path
 
 
-def test_auto_chooses_exact_then_ivf_then_pq():
+def test_auto_chooses_exact_then_ivf_then_compressed_codes():
     assert choose_factory(50_000, 1280) == "Flat"
-    assert choose_factory(1_000_000, 1280).startswith("IVF4096,Flat")
-    assert ",PQ" in choose_factory(1_000_000, 1280, max_memory=1e9)
+    assert choose_factory(200_000, 1280) == "IVF1024,Flat"
+    assert choose_factory(500_000, 1280) == "IVF1024,SQfp16"  # 2.6 GB raw > the default 2 GB budget
+    assert choose(1_000_000, 1280) == Choice("IVF2048,SQ8", rerank=True)  # 1.3 GB
+    assert choose(1_000_000, 1280, max_memory=5e8) == Choice("IVF2048,PQ320", rerank=True)
+    assert choose(1_000_000, 1280, max_memory=2e8) == Choice("IVF2048,PQ160", rerank=True)
+    assert choose(10, 8, "sq8", rerank=False) == Choice("IVF1,SQ8", rerank=False)
     assert choose_factory(10, 8, "HNSW16,Flat") == "HNSW16,Flat"
 
 
@@ -129,7 +134,12 @@ def test_cli_index_search_formats(tmp_path, image_folder, tiny_model, capsys):
 def test_describe_warns_when_compression_misses_the_target(tmp_path):
     x = clustered(2000)
     store = make_store(tmp_path / "s.tle", x)
-    lossy = Index.build(store, tmp_path / "pq.tli", "IVF8,PQ2", target_recall=0.99, log=lambda *_: None)
-    assert lossy.meta["recall_at_10"] < 0.99 and "WARNING: recall@10 stays below" in lossy.describe()
+    lossy = Index.build(store, tmp_path / "pq.tli", "IVF8,PQ2", target_recall=0.99, log=lambda *_: None,
+                        rerank=False)
+    assert lossy.meta["recall_at_10"] < 0.99 and lossy.describe().endswith(
+        "WARNING: recall@10 stays below the target 0.99 even at the widest search; drop --no-rerank, or use a "
+        "less compressed type (--type sq8 or ivf)")
+    reranked = Index.build(store, tmp_path / "pqr.tli", "IVF8,PQ2", target_recall=0.99, log=lambda *_: None)
+    assert reranked.meta["recall_at_10"] >= 0.99 and "WARNING" not in reranked.describe()
     exact = Index.build(store, tmp_path / "flat.tli", "flat", log=lambda *_: None)
     assert "WARNING" not in exact.describe()

@@ -113,10 +113,10 @@ def test_hnsw_adds_in_place_and_rebuilds_only_to_remove(tmp_path):
                                      "use --type ivf (auto-sized) or flat"),
     (60, ["--type", "PQ8"], "PQ8 needs at least 2^8 = 256 training vectors; this store has 60: "
                             "use --type ivf (auto-sized) or flat"),
-    (100, ["--type", "ivfpq"], "PQ1 needs at least 2^8 = 256 training vectors; this store has 100: "
+    (100, ["--type", "ivfpq"], "PQ4 needs at least 2^8 = 256 training vectors; this store has 100: "
                                "use --type ivf (auto-sized) or flat"),
     (300, ["--max-memory", "1KB"], "--max-memory 1KB is too small for 300 vectors of dimension 16: "
-                                   "the smallest index (Flat) takes about 19.2KB; use --max-memory 19.2KB or more"),
+                                   "the smallest index (IVF7,SQ8) takes about 12.5KB; use --max-memory 12.5KB or more"),
     (16, ["--type", "PCA64,Flat"], "FAISS failed to build the PCA64,Flat index: Error: 'static_cast<size_t>"
                                    "(d_out) * d_in <= PCAMat.size()' failed: PCA matrix cannot output 64 "
                                    "dimensions from 16"),
@@ -132,10 +132,10 @@ def test_memory_error_names_the_budget_that_works(tmp_path, capsys):
     store, out = make_store(tmp_path / "s.tle", clustered(2000, 64)), tmp_path / "i.tli"
     assert main(["index", str(store), "--out", str(out), "--max-memory", "50KB"]) == 2
     assert err_line(capsys) == ("tl-embed: error: --max-memory 50KB is too small for 2000 vectors of dimension "
-                                "64: the smallest index (IVF51,PQ4) takes about 102.6KB; use --max-memory "
-                                "102.6KB or more")
-    assert main(["index", str(store), "--out", str(out), "--max-memory", "102.6KB"]) == 0
-    assert Index.open(out).meta["factory"] == "IVF51,PQ4"
+                                "64: the smallest index (IVF51,PQ2) takes about 130.6KB; use --max-memory "
+                                "130.6KB or more")
+    assert main(["index", str(store), "--out", str(out), "--max-memory", "130.6KB"]) == 0
+    assert Index.open(out).meta["factory"] == "IVF51,PQ2"
 
 
 def test_faiss_errors_during_search_are_one_line(tmp_path):
@@ -160,10 +160,10 @@ def test_index_is_one_file_and_old_format_opens_and_converts(tmp_path):
     store, out = make_store(tmp_path / "s.tle", x), tmp_path / "i.tli"
     idx = Index.build(store, out, **QUIET)
     assert sorted(p.name for p in out.iterdir()) == [".lock", DATA_FILE]
-    old = tmp_path / "old.tli"  # as written before index.bin: two files, no store uid
+    old = tmp_path / "old.tli"  # as written before index.bin: two files, no store uid, paths in the meta
     old.mkdir()
     faiss.write_index(idx.faiss_index, str(old / "index.faiss"))
-    (old / "meta.json").write_text(json.dumps({k: v for k, v in idx.meta.items() if k != "store_uid"}))
+    (old / "meta.json").write_text(json.dumps(old_meta(idx)))
     assert Index.open(old).search_vectors(x[5], 1)[0][0].path.endswith("img00005.jpg")
     said = []
     Index.build(store, old, log=said.append)
@@ -286,13 +286,19 @@ def test_an_index_refuses_updates_from_another_store(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ 5. damaged indexes
+def old_meta(idx) -> dict:
+    """An index's meta as format 1 and earlier wrote it: absolute paths in a JSON list, no store uid."""
+    meta = {k: v for k, v in idx.meta.items() if k != "store_uid"}
+    return meta | {"paths": sorted(idx.paths.items())}
+
+
 def repack(path: Path, meta: bytes) -> None:
     """Rewrite index.bin with other meta bytes but a valid header (sizes, checksum)."""
     data = path.read_bytes()
-    _, version, meta_len, blob_len, _ = HEADER.unpack(data[:HEADER.size])
-    blob = data[HEADER.size + meta_len:]
-    path.write_bytes(HEADER.pack(MAGIC, version, len(meta), blob_len, zlib.crc32(blob, zlib.crc32(meta)))
-                     + meta + blob)
+    _, version, meta_len, table_len, blob_len, _ = HEADER.unpack(data[:HEADER.size])
+    rest = data[HEADER.size + meta_len:]
+    path.write_bytes(HEADER.pack(MAGIC, version, len(meta), table_len, blob_len, zlib.crc32(rest, zlib.crc32(meta)))
+                     + meta + rest)
 
 
 def delete_data(out):
@@ -320,14 +326,14 @@ def bad_json(out):
 
 def missing_keys(out):
     meta = dict(Index.open(out).meta)
-    del meta["paths"], meta["spec"]
+    del meta["factory"], meta["spec"]
     repack(out / DATA_FILE, json.dumps(meta).encode())
 
 
 def old_format(out, drop=None, meta_text=None):
     idx = Index.open(out)
     faiss.write_index(idx.faiss_index, str(out / "index.faiss"))
-    (out / "meta.json").write_text(meta_text or json.dumps(idx.meta))
+    (out / "meta.json").write_text(meta_text or json.dumps(old_meta(idx)))
     (out / DATA_FILE).unlink()
     if drop:
         (out / drop).unlink()
@@ -340,12 +346,12 @@ def old_format(out, drop=None, meta_text=None):
     (flip_byte, "index.bin fails its checksum"),
     (bad_json, "its meta is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 "
                "(char 1)"),
-    (missing_keys, "its meta lacks spec, paths"),
+    (missing_keys, "its meta lacks spec, factory"),
     (lambda out: old_format(out, drop="index.faiss"), "index.faiss is missing"),
     (lambda out: old_format(out, drop="meta.json"), "meta.json is missing"),
     (lambda out: old_format(out, meta_text="[1, 2"), "its meta is not valid JSON: Expecting ',' delimiter: "
                                                      "line 1 column 6 (char 5)"),
-    (lambda out: old_format(out, meta_text='{"spec": {}}'), "its meta lacks factory, metric, paths, store, root"),
+    (lambda out: old_format(out, meta_text='{"spec": {}}'), "its meta lacks factory, metric, store, root, paths"),
 ])
 def test_a_damaged_index_is_one_line_and_a_rebuild_fixes_it(tmp_path, capsys, damage, reason):
     x = clustered(100)

@@ -31,6 +31,8 @@ def cmd_models(args) -> None:
 
 # ----------------------------------------------------------------- embed
 def register_embed(sub) -> None:
+    from ..embedding.backbones import TTAS
+
     p = add_command(sub, "embed", "embed a folder of images into a store (resumable, incremental)",
              "Embed every image under IMAGES into the store OUT. Re-running only embeds new or "
              "changed files and removes deleted ones (many at once only with --prune); an interrupted run "
@@ -40,6 +42,10 @@ def register_embed(sub) -> None:
     p.add_argument("--out", "-o", required=True,
                    help="store folder to create or update (e.g. photos.tle)")
     add_backbone_options(p)
+    p.add_argument("--tta", default="none", choices=TTAS,
+                   help="test-time augmentation: 'flip' stores the mean of the embeddings of each image and its "
+                        "mirror (about twice the inference per image); a store keeps one setting, and queries, "
+                        "heads and indexes made from it use it too")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                    help="storage precision of a new store")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per inference batch and commit")
@@ -74,7 +80,7 @@ def cmd_embed(args) -> int:
                           pooling=args.pooling, layer=args.layer, preprocess=args.preprocess,
                           dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
                           runtime=args.runtime, progress=not args.quiet, prune=args.prune,
-                          engine=args.engine, ray=ray)
+                          engine=args.engine, ray=ray, tta=args.tta)
     print(report.text())
     return 130 if report.interrupted else 0
 

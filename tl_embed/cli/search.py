@@ -21,16 +21,21 @@ def register_index(sub) -> None:
     p = add_command(sub, "index", "build or update a FAISS similarity index over a store",
              "Build a FAISS index over the store's embeddings (or bring an existing one up to date: "
              "new vectors are added and removed ones removed, without a rebuild where the type "
-             "allows). Prints recall@10 against exact search, memory and query latency.")
+             "allows). Streams the store in bounded memory; prints recall@10 against exact search on "
+             "held-out rows, memory, single-query latency and batch QPS.")
     p.add_argument("store")
     p.add_argument("--out", "-o", required=True, help="index folder to write (e.g. photos.tli)")
     p.add_argument("--type", default="auto",
-                   help="auto | flat | hnsw | ivf | ivfpq | a FAISS factory string such as 'IVF1024,PQ64'")
+                   help="auto | flat | ivf | sqfp16 | sq8 | pq | opq | hnsw | a FAISS factory string such as "
+                        "'IVF1024,PQ64'")
     p.add_argument("--metric", default="cosine", choices=METRICS)
     p.add_argument("--max-memory", default=None, type=memory_size,
-                   help="memory budget for the index, e.g. 2GB or 500MB (auto picks IVF-PQ above it)")
+                   help="memory budget for the index, e.g. 2GB or 500MB (default 2GB): auto compresses "
+                        "(SQfp16, SQ8, PQ) to fit it")
     p.add_argument("--target-recall", type=fraction, default=0.95,
                    help="approximate indexes: smallest nprobe/efSearch reaching this recall@10")
+    p.add_argument("--no-rerank", dest="rerank", action="store_const", const=False, default=None,
+                   help="lossy codes (SQ8, PQ): do not re-rank the shortlist with the store's vectors")
     p.set_defaults(func=cmd_index)
 
 
@@ -51,7 +56,8 @@ def memory_size(text: str) -> float:
 def cmd_index(args) -> None:
     from ..search.index import Index
 
-    idx = Index.build(args.store, args.out, args.type, args.metric, args.max_memory, args.target_recall)
+    idx = Index.build(args.store, args.out, args.type, args.metric, args.max_memory, args.target_recall,
+                      rerank=args.rerank)
     print(idx.describe())
 
 
@@ -104,18 +110,30 @@ def cmd_search(args) -> None:
 
 
 def register_dedup(sub) -> None:
-    p = add_command(sub, "dedup", "report groups of near-duplicate images in a store")
+    from ..search.dedup import EXACT_MAX, MODES
+
+    p = add_command(sub, "dedup", "report groups of near-duplicate images in a store",
+                    "Report groups of near-duplicate images: pairs of embeddings at or above a cosine "
+                    "similarity, joined into connected groups. Small stores compare all pairs; large ones "
+                    "take each image's nearest neighbours from a temporary approximate index as candidates "
+                    "and check each candidate exactly.")
     p.add_argument("store")
     p.add_argument("--threshold", type=fraction, default=0.95, help="cosine similarity for duplicates")
+    p.add_argument("--mode", choices=MODES, default="auto",
+                   help=f"exact: all pairs; ann: each image's -k nearest neighbours as candidates; "
+                        f"auto: exact up to {EXACT_MAX:,} images, ann beyond")
+    p.add_argument("-k", type=positive_int, default=10,
+                   help="ann: neighbours checked per image (raise it for groups larger than k+1)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--out", default=None, help="write the report to this file instead of printing it")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_dedup)
 
 
 def cmd_dedup(args) -> None:
     from ..search.dedup import find_duplicates
 
-    groups = find_duplicates(args.store, args.threshold)
+    groups = find_duplicates(args.store, args.threshold, args.mode, args.k, progress=not args.quiet)
     buf = io.StringIO()
     if args.format == "json":
         buf.write(json.dumps([[{"path": p, "similarity": round(s, 4)} for p, s in g] for g in groups], indent=2))

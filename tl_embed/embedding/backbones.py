@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import TlEmbedError, WeightsUnavailableError
 
 POOLINGS = ("avg", "max")
+TTAS = ("none", "flip")  # test-time augmentations (tta.py): the views averaged into an embedding
 CUSTOM_MODEL_SUFFIXES = (".keras", ".h5")
 
 
@@ -117,19 +118,30 @@ class BackboneSpec:
     dim: int
     layer: str | None = None  # custom models: layer the features are cut at
     extra: dict[str, Any] = field(default_factory=dict)
+    tta: str = "none"  # test-time augmentation: the views averaged into each embedding (see tta.py)
 
-    def identity(self) -> tuple:
+    def model_identity(self) -> tuple:
+        """What the network computes, whatever views it is shown (the converted-model cache's key)."""
         return (self.name, self.weights_sha256, self.input_size, self.preprocessing, self.pooling,
                 self.dim, self.layer)
+
+    def identity(self) -> tuple:
+        return (*self.model_identity(), self.tta)
 
     def describe(self) -> str:
         w = "random weights" if self.weights_sha256 == "random" else (
             f"{self.weights} weights sha256:{self.weights_sha256[:12]}")
         cut = f", layer {self.layer}" if self.layer else ""
-        return f"{self.name} ({w}, {self.input_size}px, {self.pooling} pooling{cut}, dim {self.dim})"
+        tta = f", {self.tta} TTA" if self.tta != "none" else ""
+        return f"{self.name} ({w}, {self.input_size}px, {self.pooling} pooling{cut}, dim {self.dim}{tta})"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As recorded in stores, indexes and heads; ``tta`` only when used, so files without TTA read
+        exactly as before (and older tl_embed versions still read them)."""
+        d = asdict(self)
+        if d["tta"] == "none":
+            del d["tta"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BackboneSpec:
@@ -143,7 +155,11 @@ class BackboneSpec:
 
 
 def check_compatible(expected: BackboneSpec, found: BackboneSpec, what: str) -> None:
-    """Refuse to mix embeddings from two different backbones."""
+    """Refuse to mix embeddings from two different backbones, or from two TTA settings of one."""
+    if expected.model_identity() == found.model_identity() and expected.tta != found.tta:
+        raise TlEmbedError(
+            f"{what} was embedded with --tta {expected.tta}, but this uses --tta {found.tta}; "
+            "embeddings made with different test-time augmentation cannot be mixed")
     if expected.identity() != found.identity():
         raise TlEmbedError(
             f"{what} was made with {expected.describe()}, but this uses {found.describe()}; "

@@ -32,6 +32,7 @@ from .ray_engine import RayOptions, embed_with_ray
 from .runtime import Runtime, cpu_count, make_runtime, stream
 from .scan import ImageFile, Scan, is_utf8, scan
 from .store import MANIFEST, EmbeddingStore, Failure, ManifestRow
+from .tta import backbone_with_tta, check_tta, with_tta
 
 PRUNE_FREE = 10  # removals always allowed without --prune (a few deleted photos) ...
 PRUNE_SHARE = 0.10  # ... and any removal up to this share of the store; but never all of it
@@ -144,10 +145,12 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
                  preprocess: str | None = None, dtype: str = "float32", batch_size: int = 64,
                  workers: int | None = None, runtime: str = "auto", progress: bool = True,
                  loader: Callable[..., LoadedBackbone] = load_backbone, prune: bool = False,
-                 engine: str = "local", ray: RayOptions | None = None) -> EmbedReport:
+                 engine: str = "local", ray: RayOptions | None = None, tta: str = "none") -> EmbedReport:
     """Bring the store at ``out`` up to date with the image folder ``images``.
 
     ``engine="ray"`` embeds on Ray actors (``ray`` says where and how many) with the same results.
+    ``tta="flip"`` stores the mean of each image's and its mirror's embeddings (see :mod:`.tta`); a store
+    holds one setting, so updating it with another is refused.
 
     ``prune`` allows removing more than :data:`PRUNE_FREE` and :data:`PRUNE_SHARE` of the store (or all
     of it) when images are gone; without it such a run is refused before anything changes.
@@ -159,6 +162,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
         raise TlEmbedError("--workers must be at least 1")
     if engine not in ENGINES:
         raise TlEmbedError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    check_tta(tta)
     check_model_options(model, layer, preprocess)  # bad names and options fail before any scanning
     root = Path(images).expanduser().resolve()
     out = Path(out)
@@ -170,7 +174,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
     try:
         if store is not None:
             report.spec = store.spec
-            _check_same_source(store, root, model, pooling)
+            _check_same_source(store, root, model, pooling, tta)
         p = plan(found, store)
         if store is None and not p.todo:
             raise TlEmbedError(_nothing_found(root, found))
@@ -185,7 +189,8 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
             report.removed = store.remove(p.deleted)
         backbone = None
         if p.todo:
-            backbone = loader(model, weights=weights, pooling=pooling, layer=layer, preprocess=preprocess)
+            backbone = backbone_with_tta(
+                loader(model, weights=weights, pooling=pooling, layer=layer, preprocess=preprocess), tta)
             if store is None:
                 store = EmbeddingStore.create(out, backbone.spec, dtype=dtype, root=root)
             else:
@@ -245,7 +250,7 @@ def _run(todo: list[ImageFile], store: EmbeddingStore, backbone: LoadedBackbone,
          workers: int | None, report: EmbedReport, progress: bool) -> None:
     """Embed ``todo`` into ``store``; Ctrl-C ends the run early, keeping every committed batch."""
     report.spec = backbone.spec
-    run = make_runtime(backbone, runtime)
+    run = with_tta(make_runtime(backbone, runtime), backbone.spec.tta)
     report.runtime = run.name
     t_embed = time.perf_counter()
     try:
@@ -262,8 +267,8 @@ def _run_ray(todo: list[ImageFile], store: EmbeddingStore, backbone: LoadedBackb
     embed_with_ray(todo, store, backbone, runtime, batch_size, options, report, progress)
 
 
-def _check_same_source(store: EmbeddingStore, root: Path, model: str, pooling: str) -> None:
-    """Cheap checks before loading any model: same image folder, same backbone name and pooling."""
+def _check_same_source(store: EmbeddingStore, root: Path, model: str, pooling: str, tta: str) -> None:
+    """Cheap checks before loading any model: same image folder, backbone name, pooling and TTA."""
     if store.root and store.root != root:
         raise StoreError(f"store {store.path} holds images from {store.root}, not {root}; "
                          "use a new --out for another folder")
@@ -272,6 +277,9 @@ def _check_same_source(store: EmbeddingStore, root: Path, model: str, pooling: s
                          f"adding --model {model} would mix backbones (use a new --out)")
     if pooling != store.spec.pooling:
         raise StoreError(f"store {store.path} uses {store.spec.pooling} pooling, not {pooling}")
+    if tta != store.spec.tta:
+        raise StoreError(f"store {store.path} was embedded with --tta {store.spec.tta}, not --tta {tta}; "
+                         f"update it with --tta {store.spec.tta}, or use a new --out (settings are never mixed)")
 
 
 _Result = tuple[ImageFile, "DecodedImage | ImageDecodeError"]

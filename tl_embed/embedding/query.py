@@ -15,6 +15,7 @@ from .embed import decode_in_order
 from .images import ImageDecodeError
 from .runtime import OpenVINORuntime, Runtime, check_runtime, cpu_count, make_runtime, stream
 from .scan import ImageFile, expand_inputs
+from .tta import backbone_with_tta, with_tta
 
 
 @dataclass
@@ -53,7 +54,7 @@ def embed_paths(paths: list[Path], run: Runtime, size: int, batch_size: int = 32
 
 
 def runtime_for(spec: BackboneSpec, runtime: str = "auto") -> Runtime:
-    """A runtime computing exactly the backbone ``spec`` records.
+    """A runtime computing exactly the embeddings ``spec`` records: its backbone, shown its TTA views.
 
     The cached OpenVINO IR comes first (no TensorFlow import, no Keras build: a one-image query starts
     in about a second); without one, Keras rebuilds the backbone, which must match ``spec``, and it is
@@ -66,16 +67,17 @@ def runtime_for(spec: BackboneSpec, runtime: str = "auto") -> Runtime:
         except ImportError:  # no openvino: make_runtime says so below
             cached = None
         if cached is not None:
-            return cached
+            return with_tta(cached, spec.tta)
     model, weights = spec.loadable()
-    backbone = load_backbone(model, weights=weights, pooling=spec.pooling, layer=spec.layer)
+    backbone = backbone_with_tta(load_backbone(model, weights=weights, pooling=spec.pooling, layer=spec.layer),
+                                 spec.tta)
     check_compatible(spec, backbone.spec, "the model/index")
-    return make_runtime(backbone, name)
+    return with_tta(make_runtime(backbone, name), spec.tta)
 
 
 def embed_for(spec: BackboneSpec, inputs: list[str | os.PathLike], runtime: str = "auto",
               batch_size: int = 32):
-    """Embed image files/folders with exactly the backbone ``spec`` describes (refusing others)."""
+    """Embed image files/folders with exactly the backbone and TTA ``spec`` describes (refusing others)."""
     paths = expand_inputs(inputs)
     if not paths:
         raise TlEmbedError("no images found in " + ", ".join(map(str, inputs)))

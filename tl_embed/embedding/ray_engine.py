@@ -30,6 +30,7 @@ from .images import ImageDecodeError, load_image
 from .runtime import KerasRuntime, OpenVINORuntime, Runtime, check_runtime, cpu_count, fallback, load_or_convert, stream
 from .scan import ImageFile
 from .store import EmbeddingStore, Failure, ManifestRow
+from .tta import with_tta
 
 ACTORS_START_S = 600  # all actors up before any work (a pool that cannot start is an error, not a hang)
 HEADROOM = 0.25  # CPUs never reserved by actors: Ray Data's own tasks need some, or the dataset hangs (ray#44687)
@@ -93,7 +94,8 @@ def _save_keras(model, folder: Path) -> None:
 
 
 def load_shipped(shipped: ShippedModel, threads: int) -> Runtime:
-    """An actor's runtime from the shipped files (written to a temp folder, read, then deleted)."""
+    """An actor's runtime from the shipped files (written to a temp folder, read, then deleted), showing the
+    model the views of the spec's TTA as the local engine does."""
     spec = BackboneSpec.from_dict(shipped.spec)
     with tempfile.TemporaryDirectory(prefix="tl-embed-model-") as tmp:
         for name, data in shipped.files.items():
@@ -102,11 +104,11 @@ def load_shipped(shipped: ShippedModel, threads: int) -> Runtime:
             import openvino as ov
 
             model = ov.Core().read_model(Path(tmp) / "model.xml")
-            return OpenVINORuntime(LoadedBackbone(None, spec), threads=threads, model=model)
+            return with_tta(OpenVINORuntime(LoadedBackbone(None, spec), threads=threads, model=model), spec.tta)
         import keras
 
         net = keras.models.load_model(Path(tmp) / "model.keras", compile=False)
-        return KerasRuntime(LoadedBackbone(net, spec), threads=threads)
+        return with_tta(KerasRuntime(LoadedBackbone(net, spec), threads=threads), spec.tta)
 
 
 class Embedder:

@@ -280,7 +280,7 @@ def cache_key(spec: BackboneSpec) -> str | None:
         return None
     import openvino as ov
 
-    blob = json.dumps([list(spec.identity()), ov.__version__, IR_FORMAT]).encode()
+    blob = json.dumps([list(spec.model_identity()), ov.__version__, IR_FORMAT]).encode()
     return f"{spec.name}-{spec.input_size}px-{hashlib.sha256(blob).hexdigest()[:20]}"
 
 

@@ -372,16 +372,32 @@ class EmbeddingStore:
             start = end
 
     def take(self, positions: np.ndarray, dtype: np.dtype | type = np.float32) -> np.ndarray:
-        """The vectors at ``positions`` (sorted row numbers) as one array, gathered chunk by chunk.
+        """The vectors at ``positions`` (row numbers, any order) as one array, read shard by shard.
 
-        Memory is the result plus one chunk: no N x D copy of the whole store on the way.
+        Only the requested rows are read (cost O(len(positions)), not O(N)): index builds sample
+        training rows this way and re-ranking reads a query's shortlist from the memory maps.
         """
         positions = np.asarray(positions, dtype=np.int64)
         out = np.empty((len(positions), self.dim), dtype=dtype)
-        for start, _, chunk in self.iter_chunks():
-            lo, hi = np.searchsorted(positions, [start, start + len(chunk)])
-            out[lo:hi] = chunk[positions[lo:hi] - start]
+        if not len(positions):
+            return out
+        locations = self._located()[0][positions]
+        for sid in np.unique(locations[:, 0]):
+            mine = np.flatnonzero(locations[:, 0] == sid)
+            out[mine] = self._shards[int(sid)][locations[mine, 1]]
         return out
+
+    def iter_paths(self, rows: int = 65_536) -> Iterator[list[str]]:
+        """Relative paths in manifest order, ``rows`` at a time (no ManifestRow per image)."""
+        self._located()
+        last = (-1, -1)
+        while True:
+            batch = self._conn.execute("SELECT shard, row, path FROM items WHERE (shard, row) > (?, ?) "
+                                       "ORDER BY shard, row LIMIT ?", (*last, rows)).fetchall()
+            if not batch:
+                return
+            last = batch[-1][:2]
+            yield [p for _, _, p in batch]
 
     @property
     def ids(self) -> np.ndarray:

@@ -53,7 +53,7 @@ class Catalog:
             raise TlEmbedError(f"index {index_path} was built from {store_path}, which cannot be opened: {e}") from None
         with store:
             check_compatible(self.index.spec, store.spec, f"index {index_path}")
-            indexed = np.isin(store.ids, np.fromiter(self.index.paths, np.int64))
+            indexed = np.isin(store.ids, self.index.ids)
             self.ids = store.ids[indexed].copy()
             rows = [r for r, keep in zip(store.rows, indexed, strict=True) if keep]
             self.vectors = np.asarray(store.embeddings)[indexed]  # one copy of the indexed rows
@@ -64,7 +64,6 @@ class Catalog:
         self.labels = [r.label for r in rows]
         self.by_path = {p: int(i) for p, i in zip(self.paths, self.ids, strict=True)}
         self.by_path.update({str(self.absolute(p)): int(i) for p, i in zip(self.paths, self.ids, strict=True)})
-        self._by_index_path = {p: i for i, p in self.index.paths.items()}
         rows_of: dict[str, list[int]] = {}
         for n, label in enumerate(self.labels):
             if label is not None:
@@ -107,7 +106,7 @@ class Catalog:
         faiss = load_faiss()
         faiss.cvar.distance_compute_blas_threshold = 1 if len(queries) > 1 else self._blas_threshold
         hits = self.index.search_vectors(queries, FETCH)
-        return [[(int(self._by_index_path[h.path]), h.score) for h in row] for row in hits]
+        return [[(h.id, h.score) for h in row] for row in hits]
 
     def labelled(self, vector: np.ndarray, label: str, fetch: int) -> list[tuple[int, float]]:
         """The ``fetch`` nearest images labelled ``label``, compared exactly.
