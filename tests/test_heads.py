@@ -5,14 +5,20 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
 
 from tl_embed.cli import main
 from tl_embed.embedding.backbones import BackboneSpec
 from tl_embed.embedding.sklearn_embedder import KerasImageEmbedder
 from tl_embed.embedding.store import EmbeddingStore, ManifestRow
 from tl_embed.errors import TlEmbedError
+from tl_embed.heads.dense import _steps, _train
 from tl_embed.heads.fit import HEADS, fit_head
+from tl_embed.heads.graph import forward
 from tl_embed.heads.head import Head
+from tl_embed.heads.search import sweep
+from tl_embed.heads.svm import PrimalLinearSVC
 from tl_embed.heads.training import choose_split, train_from_store
 
 SPEC = BackboneSpec("synthetic", "random", "random", 32, "none", "avg", 64)
@@ -34,14 +40,92 @@ def test_heads_learn_separable_features(head):
     assert (fitted.predict(Xt) == yt).mean() > 0.95
     proba = fitted.predict_proba(Xt)
     assert proba.shape == (80, 4) and np.allclose(proba.sum(1), 1, atol=1e-6)
-    assert info["cv_folds"] == 3 and fitted.params  # a hyper-parameter was chosen by CV
+    if head == "dense":  # early-stopped on a validation split, then refitted for that many epochs
+        assert info["validation_rows"] == 36 and fitted.params["epochs"] >= 1
+    else:
+        assert info["cv_folds"] == 3 and fitted.params  # a hyper-parameter was chosen by CV
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_saves_as_data_and_loads_with_identical_predictions(head, tmp_path):
+    X, y = blobs(n_per_class=30, classes=3, spread=2.0)
+    fitted, _ = fit_head(X, y, SPEC, head)
+    fitted.save(tmp_path / "m.tlh")
+    loaded = Head.load(tmp_path / "m.tlh")
+    np.testing.assert_array_equal(loaded.predict_proba(X), fitted.predict_proba(X))
+    assert loaded.params == fitted.params and loaded.head == head
+
+
+def test_sweep_follows_the_optimum_past_its_start_and_refines_it():
+    calls = []
+
+    def score(C):
+        calls.append(C)
+        return -(np.log10(C) - 1.3) ** 2, 0.0
+
+    best, seen = sweep(score, (-3.0, -2.0, -1.0))
+    assert abs(best - 1.3) <= 0.25 and len(calls) == len(seen) == 10  # 6 decades, 2 + 2 refinements
+
+
+def nuisance_problem(n, seed, d=200):
+    """Two classes apart along u, plus a strong noise factor along a direction half-way between u and
+    a direction orthogonal to it: a weak penalty overfits 200 features, a strong one keeps the
+    mean-difference direction that the noise factor corrupts, so the test accuracy peaks sharply."""
+    g = np.random.default_rng(0)
+    u = g.normal(0, 1, d)
+    u /= np.linalg.norm(u)
+    p = g.normal(0, 1, d)
+    p -= (p @ u) * u
+    v = (u + p / np.linalg.norm(p)) / np.sqrt(2)
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    X = np.outer(3 * y - 1.5, u) + rng.normal(0, 1, (n, d)) + 20 * rng.normal(0, 1, (n, 1)) * v
+    return X.astype(np.float32), np.array([f"c{i}" for i in y])
+
+
+def test_regularisation_search_picks_the_known_best_C():
+    X, y = nuisance_problem(800, seed=1)
+    Xt, yt = nuisance_problem(10_000, seed=2)
+    grid = np.arange(-5.0, 1.01, 0.5)  # the truth: test accuracy over log10 C on 10 000 fresh rows
+    scaler = StandardScaler().fit(X)
+    acc = [(LogisticRegression(C=10 ** e, max_iter=1000).fit(scaler.transform(X), y)
+            .predict(scaler.transform(Xt)) == yt).mean() for e in grid]
+    best = grid[int(np.argmax(acc))]
+    assert max(acc) - acc[0] > 0.2 and max(acc) - acc[-1] > 0.02  # a clear peak inside the grid
+    spec = BackboneSpec("synthetic", "random", "random", 32, "none", "avg", 200)
+    fitted, info = fit_head(X, y, spec, "logreg", transform="none")
+    assert abs(np.log10(fitted.params["C"]) - best) <= 1.0, (fitted.params, best)  # one coarse step
+    assert fitted.params["transform"] == "none" and info["cv_folds"] == 3
+
+
+def test_primal_svm_solves_liblinears_problem():
+    X, y = blobs(n_per_class=80, classes=3, spread=3.0)
+    X = StandardScaler().fit_transform(X)
+    ours = PrimalLinearSVC(C=0.05, tol=1e-6).fit(X, y)
+    # liblinear penalises the intercept; a large intercept_scaling makes that penalty negligible
+    ref = LinearSVC(C=0.05, intercept_scaling=100, tol=1e-8, max_iter=100_000).fit(X, y)
+    np.testing.assert_allclose(ours.coef_, ref.coef_, atol=1e-3 * np.abs(ref.coef_).max())
+    assert (ours.predict(X) == ref.predict(X)).mean() > 0.99
+    binary = PrimalLinearSVC(C=0.05).fit(X[:160], y[:160])
+    assert binary.coef_.shape == (1, 64) and binary.decision_function(X[:5]).shape == (5,)
+
+
+def test_dense_steps_equal_the_keras_model():
+    X, y = blobs(n_per_class=30, classes=3)
+    idx = np.searchsorted(["c0", "c1", "c2"], y)
+    mean, std = X.mean(0), X.std(0)
+    model, _ = _train(((X - mean) / std).astype(np.float32), idx, 3, 16, 0, None, None, 5)
+    steps = _steps(model, mean, std)
+    assert [(s.op, s.attrs["activation"]) for s in steps] == [("dense", "relu"), ("dense", "softmax")]
+    keras = model.predict(((X - mean) / std).astype(np.float32), verbose=0)
+    np.testing.assert_allclose(forward(steps, X), keras, atol=1e-5)
 
 
 def test_class_weight_balanced_helps_a_minority_class():
     X, y = blobs(n_per_class=100, classes=2, spread=3.0, seed=1)
     keep = np.r_[np.arange(100), np.arange(100, 110)]  # class c1 has 10 images
-    balanced, _ = fit_head(X[keep], y[keep], SPEC, "logreg", class_weight="balanced", params={"clf__C": 0.1})
-    plain, _ = fit_head(X[keep], y[keep], SPEC, "logreg", params={"clf__C": 0.1})
+    balanced, _ = fit_head(X[keep], y[keep], SPEC, "logreg", class_weight="balanced", params={"C": 0.1})
+    plain, _ = fit_head(X[keep], y[keep], SPEC, "logreg", params={"C": 0.1})
     minority = X[100:200]  # all of class c1, mostly unseen
     assert (balanced.predict(minority) == "c1").mean() > (plain.predict(minority) == "c1").mean()
 

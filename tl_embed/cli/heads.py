@@ -8,23 +8,38 @@ from pathlib import Path
 
 import numpy as np
 
-from .options import add_command, add_runtime_option, add_trust_pickle_option, fraction, positive_int
+from .options import (
+    add_command,
+    add_runtime_option,
+    add_trust_pickle_option,
+    fraction,
+    non_negative_int,
+    positive_int,
+)
 
 
 # ----------------------------------------------------------------- train
 def register_train(sub) -> None:
     from ..heads.head import HEADS
+    from ..heads.search import TRANSFORMS
 
     p = add_command(sub, "train", "train a classifier head on a store's labelled embeddings",
-             "Train a scikit-learn head on the store's labelled rows and report on a held-out part: "
+             "Train a head on the store's labelled rows and report on a held-out part: "
              "the store's own test (or val) split when it has one, else a stratified --test-size "
-             "hold-out. Writes the model file plus OUT.report.json/.md and OUT.confusion.png. "
-             "Model files are pickles: only load files you trust.")
+             "hold-out. Hyper-parameters are chosen on the training rows only (stratified CV, or a "
+             "validation split for dense), then the head is refitted on all of them. Writes the "
+             "model file (data only, no pickle) plus OUT.report.json/.md and OUT.confusion.png.")
     p.add_argument("store")
     p.add_argument("--out", "-o", required=True, help="model file to write (e.g. pets.tlh)")
     p.add_argument("--head", default="logreg", choices=HEADS,
                    help="logreg: multinomial logistic regression; svm: linear SVM with calibrated "
-                        "probabilities; knn: cosine k-NN")
+                        "probabilities; knn: cosine k-NN; dense: the tutorials' Keras head (Dropout + "
+                        "Dense softmax, early-stopped)")
+    p.add_argument("--transform", default="auto", choices=["auto", *TRANSFORMS],
+                   help="logreg/svm feature transform before standardisation: sqrt-l2 = signed square "
+                        "root then L2 normalisation; auto chooses by CV, with C")
+    p.add_argument("--hidden", type=non_negative_int, default=0,
+                   help="dense: units of one hidden ReLU layer (0: none, the tutorials' head)")
     p.add_argument("--class-weight", choices=["balanced"], default=None,
                    help="re-weight classes inversely to their frequency")
     p.add_argument("--test-size", type=float, default=0.2,
@@ -38,20 +53,29 @@ def cmd_train(args) -> None:
     from ..heads.report import metrics_text, write_report
     from ..heads.training import train_from_store
 
-    res = train_from_store(args.store, args.head, args.class_weight, args.test_size, args.seed, args.cv)
+    res = train_from_store(args.store, args.head, args.class_weight, args.test_size, args.seed, args.cv,
+                           args.transform, args.hidden)
     out = Path(args.out)
     res.head.save(out)
-    cv = f", CV accuracy {res.info['cv_accuracy']:.2%}" if "cv_accuracy" in res.info else ""
     params = ", ".join(f"{k}={v}" for k, v in res.head.params.items()) or "defaults"
     details = {"head": args.head, "hyper-parameters": params, "backbone": res.head.spec.describe(),
                "store": args.store, "trained on": f"{res.n_train} images",
                "evaluated on": res.split, "training time": f"{res.info['train_seconds']:.2f} s"}
     reports = write_report(res.metrics, out, f"tl-embed {args.head} head: {out.name}", details)
-    print(f"head {args.head}: {params} (chosen by {res.info.get('cv_folds', 0)}-fold stratified CV{cv})")
+    print(f"head {args.head}: {params} ({_how_chosen(res.info)})")
     print(f"trained on {res.n_train} images in {res.info['train_seconds']:.2f} s; "
           f"evaluated on {res.split}:\n")
     print(metrics_text(res.metrics))
     print(f"\nwrote {out}, " + ", ".join(str(r) for r in reports))
+
+
+def _how_chosen(info: dict) -> str:
+    if "validation_rows" in info:
+        return (f"early-stopped on a {info['validation_rows']}-image validation split, "
+                f"validation accuracy {info['validation_accuracy']:.2%}")
+    if "cv_folds" in info:
+        return f"chosen by {info['cv_folds']}-fold stratified CV, CV accuracy {info['cv_accuracy']:.2%}"
+    return "defaults: a class is too small to hold images out"
 
 
 # ------------------------------------------------------- predict/evaluate

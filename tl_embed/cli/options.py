@@ -57,6 +57,17 @@ def check_out_folder(out: str | None) -> None:
         raise TlEmbedError(f"--out {out}: folder {parent} does not exist; create it first or choose another --out")
 
 
+def non_negative_int(value: str) -> int:
+    """An integer of at least 0 (0 meaning none)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {n}")
+    return n
+
+
 def positive_int(value: str) -> int:
     """An integer of at least 1 (counts, sizes, -k)."""
     try:

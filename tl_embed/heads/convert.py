@@ -64,8 +64,13 @@ def _classifier_steps(clf, n_classes: int, shift, scale) -> list[Step]:
 
 def _linear(coef: np.ndarray, intercept: np.ndarray, shift, scale) -> tuple[np.ndarray, np.ndarray]:
     """(W, b) of ``x -> ((x - shift) / scale) @ coef.T + intercept`` as ``x @ W + b``."""
-    W = np.asarray(coef, dtype=np.float64).T
-    b = np.asarray(intercept, dtype=np.float64).ravel().copy()
+    return fold_standardisation(np.asarray(coef, dtype=np.float64).T, intercept, shift, scale)
+
+
+def fold_standardisation(W: np.ndarray, b: np.ndarray, shift, scale) -> tuple[np.ndarray, np.ndarray]:
+    """(W', b') with ``x @ W' + b' == ((x - shift) / scale) @ W + b`` (either may be None)."""
+    W = np.asarray(W, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64).ravel().copy()
     if scale is not None:
         W = W / np.asarray(scale, dtype=np.float64)[:, None]
     if shift is not None:

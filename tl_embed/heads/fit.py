@@ -1,8 +1,10 @@
-"""Training heads: scikit-learn pipelines with CV-chosen hyper-parameters, stored as array steps.
+"""Training heads: hyper-parameters chosen on held-out folds, one refit on all rows, stored as array steps.
 
-Each head is fitted as a ``Pipeline`` whose first step scales the features the way that head needs
-(standardised for linear models, L2-normalised for cosine k-NN); the fitted pipeline is then turned
-into :class:`~tl_embed.heads.graph.Step` s (:mod:`.convert`), which is all a model file keeps.
+The linear heads (``logreg``, ``svm``) are fitted as a scikit-learn ``Pipeline`` (an optional signed
+square root + L2 normalisation, a standardisation, the classifier) whose C and transform come from a
+CLIP-style sweep (:mod:`.search`); ``knn`` picks k by a small grid search on L2-normalised vectors;
+``dense`` is the tutorials' Keras head (:mod:`.dense`).  Every fitted head is turned into
+:class:`~tl_embed.heads.graph.Step` s (:mod:`.convert`), which is all a model file keeps.
 """
 
 from __future__ import annotations
@@ -18,41 +20,48 @@ from ..embedding.backbones import BackboneSpec
 from ..errors import TlEmbedError
 from .convert import steps_from_pipeline
 from .head import HEADS, Head, check_features
+from .search import TRANSFORMS, search_linear
 
 SEARCH_MAX_SAMPLES = 6000  # hyper-parameters are chosen on at most this many rows, then refit on all
-
-GRIDS: dict[str, dict[str, list]] = {
-    "logreg": {"clf__C": [0.01, 0.03, 0.1, 0.3, 1.0]},
-    "svm": {"clf__C": [0.001, 0.003, 0.01, 0.03, 0.1]},  # searched uncalibrated (see fit_head)
-    "knn": {"clf__n_neighbors": [1, 3, 5, 10, 20]},
-}
+# log10 C where each linear head's sweep starts (it walks on past a winning edge); also the
+# default C, the middle one, when a class is too small to hold anything out
+COARSE = {"logreg": (-3.0, -2.0, -1.0), "svm": (-4.0, -3.0, -2.0)}
+KNN_GRID = (1, 3, 5, 10, 20)
 
 
-def make_pipeline(head: str, class_weight: str | None = None, seed: int = 0, calibrated: bool = True):
-    """The unfitted sklearn pipeline for ``head`` (hyper-parameters at their grid's middle).
-
-    ``calibrated=False`` gives the svm head without its probability calibration: a third of the
-    fits, and the same accuracy ranking, which is all a hyper-parameter search needs.
-    """
-    from sklearn.calibration import CalibratedClassifierCV
+def make_classifier(head: str, C: float, class_weight: str | None = None, warm: bool = False):
+    """The unfitted linear classifier of ``head`` at ``C`` (uncalibrated: the search needs no probabilities)."""
     from sklearn.linear_model import LogisticRegression
+
+    from .svm import PrimalLinearSVC
+
+    if head == "logreg":
+        return LogisticRegression(C=C, max_iter=300, tol=1e-3, class_weight=class_weight, warm_start=warm)
+    return PrimalLinearSVC(C=C, class_weight=class_weight, warm_start=warm)
+
+
+def make_pipeline(head: str, params: dict[str, Any], class_weight: str | None = None,
+                  calibration_folds: int = 3):
+    """The unfitted pipeline for a linear head or knn with the given hyper-parameters."""
+    from sklearn.calibration import CalibratedClassifierCV
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
-    from sklearn.svm import LinearSVC
 
-    if head == "logreg":
-        clf = LogisticRegression(C=0.1, max_iter=300, tol=1e-3, class_weight=class_weight)
-        return Pipeline([("scale", StandardScaler()), ("clf", clf)])
-    if head == "svm":
-        svc = LinearSVC(C=0.01, class_weight=class_weight, dual="auto", random_state=seed)
-        clf = CalibratedClassifierCV(svc, method="sigmoid", cv=3) if calibrated else svc
-        return Pipeline([("scale", StandardScaler()), ("clf", clf)])
+    from .transforms import SignedPower
+
     if head == "knn":
         # on L2-normalised vectors euclidean order == cosine order; brute force is exact and fast
-        clf = KNeighborsClassifier(n_neighbors=5, weights="distance", algorithm="brute")
+        clf = KNeighborsClassifier(n_neighbors=int(params.get("n_neighbors", 5)), weights="distance",
+                                   algorithm="brute")
         return Pipeline([("scale", Normalizer()), ("clf", clf)])
-    raise TlEmbedError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    steps: list[tuple[str, Any]] = []
+    if params.get("transform", "none") == "sqrt-l2":
+        steps += [("power", SignedPower(0.5)), ("l2", Normalizer())]
+    clf = make_classifier(head, float(params["C"]), class_weight)
+    if head == "svm":  # one SVM on all rows, its sigmoid calibration learnt from out-of-fold decisions
+        clf = CalibratedClassifierCV(clf, method="sigmoid", cv=calibration_folds, ensemble=False)
+    return Pipeline(steps + [("scale", StandardScaler()), ("clf", clf)])
 
 
 def check_training_data(X: np.ndarray, y: np.ndarray, min_per_class: int = 2) -> None:
@@ -72,60 +81,78 @@ def check_training_data(X: np.ndarray, y: np.ndarray, min_per_class: int = 2) ->
 
 def fit_head(X: np.ndarray, y: np.ndarray, spec: BackboneSpec, head: str = "logreg",
              class_weight: str | None = None, cv: int = 3, seed: int = 0,
-             params: dict[str, Any] | None = None) -> tuple[Head, dict[str, Any]]:
-    """Choose hyper-parameters by stratified CV (unless ``params``), then fit on all of X.
+             params: dict[str, Any] | None = None, transform: str = "auto",
+             hidden: int = 0) -> tuple[Head, dict[str, Any]]:
+    """Choose hyper-parameters on held-out folds (unless ``params``), then fit on all of X.
 
-    Returns the head and a dict of timings and the CV score.
+    ``transform`` (logreg, svm): ``auto`` chooses between ``none`` and ``sqrt-l2`` by the same
+    folds as C.  ``hidden`` (dense): units of the optional hidden layer, 0 for none.
+    Returns the head and a dict of timings and the held-out score.
     """
-    from sklearn.base import clone
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
-
+    if head not in HEADS:
+        raise TlEmbedError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    if transform not in ("auto", *TRANSFORMS):
+        raise TlEmbedError(f"unknown transform {transform!r}; choose auto or one of {', '.join(TRANSFORMS)}")
+    if transform != "auto" and head not in ("logreg", "svm"):
+        raise TlEmbedError("--transform applies to the logreg and svm heads only")
+    if hidden and head != "dense":
+        raise TlEmbedError("--hidden applies to the dense head only")
     X = check_features(X, spec.dim)
     y = np.asarray(y).astype(str)
     check_training_data(X, y)
-    pipe = make_pipeline(head, class_weight, seed)
-    info: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    if params is None:
-        Xs, ys = X, y
-        if len(y) > SEARCH_MAX_SAMPLES:
-            Xs, _, ys, _ = train_test_split(X, y, train_size=SEARCH_MAX_SAMPLES, stratify=y,
-                                            random_state=seed)
-        folds = int(min(cv, np.unique(ys, return_counts=True)[1].min()))
-        if folds >= 2:
-            splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-            grid = _grid(head, len(ys) * (folds - 1) // folds)
-            search = GridSearchCV(make_pipeline(head, class_weight, seed, calibrated=False), grid,
-                                  cv=splitter, scoring="accuracy", refit=False, error_score="raise")
-            search.fit(Xs, ys)
-            params = search.best_params_
-            info["cv_accuracy"] = float(search.best_score_)
-            info["cv_folds"] = folds
-            info["cv_rows"] = len(ys)
-        else:
-            params = {}
-    info["search_seconds"] = time.perf_counter() - t0
-    clean = {k.split("__")[-1]: v for k, v in params.items()}
-    final = clone(pipe)
-    if head == "svm":
-        final.set_params(clf__cv=int(min(3, np.unique(y, return_counts=True)[1].min())),
-                         **{f"clf__estimator__{k}": v for k, v in clean.items()})
-    else:
-        final.set_params(**params)
-    t1 = time.perf_counter()
-    final.fit(X, y)
-    info["fit_seconds"] = time.perf_counter() - t1
-    info["train_seconds"] = time.perf_counter() - t0
     classes = sorted(np.unique(y).tolist())
-    fitted = Head(steps_from_pipeline(final, classes), classes, spec, head, clean, versions=_versions())
-    return fitted, info
+    t0 = time.perf_counter()
+    if head == "dense":
+        from .dense import fit_dense
+
+        steps, clean, info = fit_dense(X, y, classes, hidden, class_weight, seed, params)
+    else:
+        clean, info = (dict(params), {}) if params is not None else _search(X, y, head, class_weight, cv, seed,
+                                                                           transform)
+        info["search_seconds"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        smallest = int(np.unique(y, return_counts=True)[1].min())
+        final = make_pipeline(head, clean, class_weight, calibration_folds=min(3, smallest))
+        final.fit(X, y)
+        info["fit_seconds"] = time.perf_counter() - t1
+        steps = steps_from_pipeline(final, classes)
+    info["train_seconds"] = time.perf_counter() - t0
+    return Head(steps, classes, spec, head, clean, versions=_versions()), info
 
 
-def _grid(head: str, fit_rows: int) -> dict[str, list]:
-    """The head's grid, without k-NN sizes larger than a CV training fold."""
+def _search(X: np.ndarray, y: np.ndarray, head: str, class_weight: str | None, cv: int, seed: int,
+            transform: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The hyper-parameters chosen by stratified ``cv``-fold scores, and how they were chosen."""
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    Xs, ys = X, y
+    if len(y) > SEARCH_MAX_SAMPLES:
+        Xs, _, ys, _ = train_test_split(X, y, train_size=SEARCH_MAX_SAMPLES, stratify=y, random_state=seed)
+    folds = int(min(cv, np.unique(ys, return_counts=True)[1].min()))
+    transforms = TRANSFORMS if transform == "auto" else (transform,)
+    if folds < 2:  # a class too small to hold an image out: nothing to choose with
+        return ({"C": 10 ** COARSE[head][1], "transform": transforms[0]} if head != "knn" else {"n_neighbors": 5}), {}
+    splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(Xs, ys))
+    info: dict[str, Any] = {"cv_folds": folds, "cv_rows": len(ys)}
     if head == "knn":
-        return {k: [n for n in v if n <= fit_rows] or [1] for k, v in GRIDS[head].items()}
-    return GRIDS[head]
+        params, info["cv_accuracy"] = _search_knn(Xs, ys, splits)
+        return params, info
+    res = search_linear(Xs, ys, splits, lambda C: make_classifier(head, C, class_weight, warm=True),
+                        COARSE[head], transforms)
+    info["cv_accuracy"] = res.score
+    info["cv_table"] = {t: {f"{10 ** e:.3g}": s[0] for e, s in sorted(scores.items())}
+                        for t, scores in res.table.items()}
+    return {"C": float(f"{res.C:.3g}"), "transform": res.transform}, info
+
+
+def _search_knn(X: np.ndarray, y: np.ndarray, splits) -> tuple[dict[str, Any], float]:
+    from sklearn.model_selection import GridSearchCV
+
+    fit_rows = min(len(tr) for tr, _ in splits)
+    grid = {"clf__n_neighbors": [k for k in KNN_GRID if k <= fit_rows] or [1]}
+    search = GridSearchCV(make_pipeline("knn", {}), grid, cv=splits, scoring="accuracy", refit=False,
+                          error_score="raise").fit(X, y)
+    return {"n_neighbors": int(search.best_params_["clf__n_neighbors"])}, float(search.best_score_)
 
 
 def _versions() -> dict[str, str]:

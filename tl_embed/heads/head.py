@@ -18,7 +18,7 @@ from ..errors import TlEmbedError
 from .graph import Step, check_graph, forward
 from .model_file import read_model, write_model
 
-HEADS = ("logreg", "svm", "knn")  # what `train --head` offers; trained in .fit (scikit-learn)
+HEADS = ("logreg", "svm", "knn", "dense")  # what `train --head` offers; trained in .fit
 
 
 @dataclass

@@ -63,7 +63,7 @@ class TrainResult:
 
 def train_from_store(store_path: str | os.PathLike, head: str = "logreg",
                      class_weight: str | None = None, test_size: float = 0.2, seed: int = 0,
-                     cv: int = 3) -> TrainResult:
+                     cv: int = 3, transform: str = "auto", hidden: int = 0) -> TrainResult:
     """Train on the store's labelled training rows and evaluate on its held-out rows."""
     from .fit import fit_head  # scikit-learn: only training needs it
 
@@ -76,7 +76,8 @@ def train_from_store(store_path: str | os.PathLike, head: str = "logreg",
         spec = store.spec
     if len(tr) == 0:
         raise TlEmbedError(f"store {store_path} has no labelled images (labels are sub-folder names)")
-    fitted, info = fit_head(X_tr, labels[tr].astype(str), spec, head, class_weight, cv, seed)
+    fitted, info = fit_head(X_tr, labels[tr].astype(str), spec, head, class_weight, cv, seed,
+                            transform=transform, hidden=hidden)
     unseen = sorted(set(labels[te].astype(str)) - set(fitted.classes))
     if unseen:
         raise TlEmbedError(f"held-out images have class(es) absent from training: {', '.join(unseen)}")
