@@ -169,3 +169,20 @@ def test_predict_from_export_skips_unreadable_images(world, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.count("\n") == 2 and "ok.png" in captured.out
     assert "skipped" in captured.err and "broken.jpg" in captured.err
+
+
+def test_a_head_on_flip_tta_embeddings_exports_the_mean_of_both_views(world, tiny_model):
+    """--tta flip stores the mean of an image's and its mirror's embeddings: the export computes the same."""
+    root = world["root"]
+    for folder in ("train", "query"):
+        assert main(["embed", str(root / folder), "--out", str(root / f"{folder}-flip.tle"), "--model", tiny_model,
+                     "--layer", "features", "--tta", "flip", "-q"]) == 0
+    with EmbeddingStore.open(root / "train-flip.tle") as s:
+        head = fit_head(np.asarray(s.embeddings), s.labels, s.spec, "logreg")[0]
+    with EmbeddingStore.open(root / "query-flip.tle") as s:
+        Xq = np.asarray(s.embeddings)
+        assert [s.absolute_path(p) for p in s.paths] == world["paths"]
+    assert head.spec.tta == "flip" and not np.allclose(Xq, world["Xq"])
+    for fmt in FORMATS:
+        got = load_export(export_model(head, fmt, root / f"flip-{fmt}").out)(world["images"])
+        np.testing.assert_allclose(got, head.predict_proba(Xq), atol=ATOL, err_msg=fmt)

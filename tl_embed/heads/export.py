@@ -97,15 +97,20 @@ def build_classifier(head: Head):
     import keras
 
     from ..embedding.backbones import check_compatible, load_backbone
+    from ..embedding.tta import backbone_with_tta
 
     spec = head.spec
     model, weights = spec.loadable()
     backbone = load_backbone(model, weights=weights, pooling=spec.pooling, layer=spec.layer,
                              preprocess=_custom_preprocess(spec))
+    backbone = backbone_with_tta(backbone, spec.tta)
     check_compatible(spec, backbone.spec, "the model file")
     size = spec.input_size
     images = keras.Input((size, size, 3), dtype="uint8", name=INPUT_NAME)
-    features = backbone.model(keras.ops.cast(images, "float32"))
+    pixels = keras.ops.cast(images, "float32")
+    features = backbone.model(pixels)
+    if spec.tta == "flip":  # the head was trained on the mean of the image's and its mirror's embeddings
+        features = (features + backbone.model(keras.ops.flip(pixels, axis=2))) / 2
     probabilities = keras.layers.Identity(name=OUTPUT_NAME)(head_layers(head.steps, features))
     return keras.Model(images, probabilities, name="tl_embed_classifier")
 
