@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None, raise_errors: bool = False) -> int:
             raise
         print(f"tl-embed: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `tl-embed models | head`: an OSError, but not a failure
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except (OSError, sqlite3.Error) as e:
         if raise_errors:
             raise
@@ -44,9 +47,6 @@ def main(argv: list[str] | None = None, raise_errors: bool = False) -> int:
     except KeyboardInterrupt:
         print("tl-embed: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `tl-embed models | head`
-        sys.stdout = open(os.devnull, "w")
-        return 0
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -37,7 +37,7 @@ from .backbones import BackboneSpec, LoadedBackbone, keras_cache_dir
 
 RUNTIMES = ("auto", "keras", "openvino")
 NOT_SHIPPED = {
-    "onnx": "ONNX Runtime was measured no faster than openvino here and tf2onnx failed on EfficientNet and ResNet",
+    "onnx": "ONNX Runtime was measured no faster than openvino here (export-model --format onnx writes an ONNX model)",
     "tflite": "TFLite (XNNPACK) was measured slower than keras here",
 }
 IR_FORMAT = 1  # bump when the conversion below changes what it writes
