@@ -20,7 +20,7 @@ from .options import (
 
 # ----------------------------------------------------------------- train
 def register_train(sub) -> None:
-    from ..heads.head import HEADS
+    from ..heads.head import DEFAULT_HEAD, HEADS
     from ..heads.search import TRANSFORMS
 
     p = add_command(sub, "train", "train a classifier head on a store's labelled embeddings",
@@ -31,10 +31,10 @@ def register_train(sub) -> None:
              "model file (data only, no pickle) plus OUT.report.json/.md and OUT.confusion.png.")
     p.add_argument("store")
     p.add_argument("--out", "-o", required=True, help="model file to write (e.g. pets.tlh)")
-    p.add_argument("--head", default="logreg", choices=HEADS,
-                   help="logreg: multinomial logistic regression; svm: linear SVM with calibrated "
-                        "probabilities; knn: cosine k-NN; dense: the tutorials' Keras head (Dropout + "
-                        "Dense softmax, early-stopped)")
+    p.add_argument("--head", default=DEFAULT_HEAD, choices=HEADS,
+                   help="svm: linear SVM with sigmoid-calibrated probabilities; logreg: multinomial "
+                        "logistic regression; knn: cosine k-NN; dense: the tutorials' Keras head "
+                        "(Dropout + Dense softmax, early-stopped)")
     p.add_argument("--transform", default="auto", choices=["auto", *TRANSFORMS],
                    help="logreg/svm feature transform before standardisation: sqrt-l2 = signed square "
                         "root then L2 normalisation; auto chooses by CV, with C")

@@ -19,7 +19,7 @@ from .. import __version__
 from ..embedding.backbones import BackboneSpec
 from ..errors import TlEmbedError
 from .convert import steps_from_pipeline
-from .head import HEADS, Head, check_features
+from .head import DEFAULT_HEAD, HEADS, Head, check_features
 from .search import TRANSFORMS, search_linear
 
 SEARCH_MAX_SAMPLES = 6000  # hyper-parameters are chosen on at most this many rows, then refit on all
@@ -79,7 +79,7 @@ def check_training_data(X: np.ndarray, y: np.ndarray, min_per_class: int = 2) ->
     check_features(X, X.shape[1] if X.ndim == 2 else -1)
 
 
-def fit_head(X: np.ndarray, y: np.ndarray, spec: BackboneSpec, head: str = "logreg",
+def fit_head(X: np.ndarray, y: np.ndarray, spec: BackboneSpec, head: str = DEFAULT_HEAD,
              class_weight: str | None = None, cv: int = 3, seed: int = 0,
              params: dict[str, Any] | None = None, transform: str = "auto",
              hidden: int = 0) -> tuple[Head, dict[str, Any]]:

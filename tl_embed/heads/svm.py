@@ -59,8 +59,9 @@ class PrimalLinearSVC(LinearClassifierMixin, BaseEstimator):
             loss = 0.5 * scale * float(W.ravel() @ W.ravel()) + float((cw * margin * margin).sum(dtype=np.float64))
             return loss, np.concatenate([(scale * W + X.T @ G).ravel(), G.sum(0, dtype=np.float64)])
 
-        # stop once the gradient has shrunk by ``tol`` (relative: the same rule for every C and n)
-        gtol = self.tol * float(np.abs(loss_grad(start)[1]).max())
+        # stop once the gradient is ``tol`` times its size at zero (the same rule for every C and n,
+        # warm-started or not)
+        gtol = self.tol * float(np.abs(loss_grad(np.zeros_like(start))[1]).max())
         res = minimize(loss_grad, start, jac=True, method="L-BFGS-B",
                        options={"maxiter": self.max_iter, "gtol": gtol, "ftol": 1e-12})
         self.coef_ = res.x[:d * k].reshape(d, k).T.copy()

@@ -15,7 +15,7 @@ from ..embedding.backbones import check_compatible
 from ..embedding.query import embed_for
 from ..embedding.store import MANIFEST, EmbeddingStore
 from ..errors import TlEmbedError
-from .head import Head
+from .head import DEFAULT_HEAD, Head
 from .metrics import Metrics, evaluate_predictions
 
 
@@ -61,7 +61,7 @@ class TrainResult:
     info: dict
 
 
-def train_from_store(store_path: str | os.PathLike, head: str = "logreg",
+def train_from_store(store_path: str | os.PathLike, head: str = DEFAULT_HEAD,
                      class_weight: str | None = None, test_size: float = 0.2, seed: int = 0,
                      cv: int = 3, transform: str = "auto", hidden: int = 0) -> TrainResult:
     """Train on the store's labelled training rows and evaluate on its held-out rows."""
