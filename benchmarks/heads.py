@@ -26,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_cpu  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-# (label, head, fit_head options) per method of the real-set table; the first of each head is its default
+# (label, head, fit_head options) per method of the real-set table; a head with no options is as
+# `tl-embed train --head HEAD` trains it
 METHODS = [
-    ("logreg (default)", "logreg", {}),
+    ("svm", "svm", {}),
+    ("logreg", "logreg", {}),
     ("logreg transform=none", "logreg", {"transform": "none"}),
     ("logreg transform=sqrt-l2", "logreg", {"transform": "sqrt-l2"}),
-    ("svm", "svm", {}),
     ("knn", "knn", {}),
     ("dense", "dense", {}),
     ("dense --hidden 512", "dense", {"hidden": 512}),
@@ -82,6 +83,7 @@ def bench_real(heads: list[str], cache: Path) -> None:
 
     from tl_embed.embedding.store import EmbeddingStore
     from tl_embed.heads.fit import fit_head
+    from tl_embed.heads.head import DEFAULT_HEAD
     from tl_embed.heads.training import choose_split
 
     home = Path(tempfile.mkdtemp())
@@ -89,7 +91,8 @@ def bench_real(heads: list[str], cache: Path) -> None:
     for f in (SHARED / "weights").iterdir():
         (home / "models" / f.name).symlink_to(f.resolve())
     os.environ["KERAS_HOME"] = str(home)
-    methods = [m for m in METHODS if m[1] in heads]
+    methods = [(f"{label} (default)" if head == DEFAULT_HEAD and not options else label, head, options)
+               for label, head, options in METHODS if head in heads]
     gains: dict[str, list[float]] = {label: [] for label, _, _ in methods}
     print("\n== real photo sets, genuine ImageNet MobileNetV2 embeddings ==")
     print(f"{'set':<12}{'method':<28}{'accuracy':>9}{'vs ref':>8}{'train s':>9}  chosen")
@@ -119,7 +122,7 @@ def bench_real(heads: list[str], cache: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--heads", nargs="+", default=["logreg", "svm", "knn", "dense"])
+    ap.add_argument("--heads", nargs="+", default=["svm", "logreg", "knn", "dense"])
     ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--cache", type=Path, default=None, help="keep the embedded stores here (reused)")

@@ -20,7 +20,7 @@ from ..embedding.backbones import BackboneSpec
 from ..errors import TlEmbedError
 from .convert import steps_from_pipeline
 from .head import DEFAULT_HEAD, HEADS, Head, check_features
-from .search import TRANSFORMS, search_linear
+from .search import TRANSFORMS, search_linear, side_by_side
 
 SEARCH_MAX_SAMPLES = 6000  # hyper-parameters are chosen on at most this many rows, then refit on all
 # log10 C where each linear head's sweep starts (it walks on past a winning edge); also the
@@ -113,7 +113,8 @@ def fit_head(X: np.ndarray, y: np.ndarray, spec: BackboneSpec, head: str = DEFAU
         t1 = time.perf_counter()
         smallest = int(np.unique(y, return_counts=True)[1].min())
         final = make_pipeline(head, clean, class_weight, calibration_folds=min(3, smallest))
-        final.fit(X, y)
+        with side_by_side():
+            final.fit(X, y)
         info["fit_seconds"] = time.perf_counter() - t1
         steps = steps_from_pipeline(final, classes)
     info["train_seconds"] = time.perf_counter() - t0
