@@ -8,10 +8,11 @@ by the real command in a subprocess on loopback.
 
 Load: for each query kind (`upload`: a multipart JPEG, embedded by the service; `id`: a stored image's
 vector) and each concurrency (1, 4, 16 clients, keep-alive connections in threads), at most --requests
-requests or --seconds seconds.  Prints p50/p99 latency, throughput and errors, then the goals:
-upload p50 <= 50 ms at 1 client, and upload throughput at 16 clients >= 0.8 x embed's.
+requests or --seconds seconds.  Prints p50/p99 latency, throughput, errors and the CPU time per
+request of the service and of this load generator (which shares the cores), then the goals: upload
+p50 <= 50 ms at 1 client, and upload throughput at 16 clients >= 0.8 x embed's.
 
-    python benchmarks/serve_latency.py [--requests 2000] [--seconds 60] [--rows 10000]
+    python benchmarks/serve_latency.py [--requests 2000] [--seconds 60] [--rows 10000] [--serve-args ...]
 """
 
 from __future__ import annotations
@@ -160,6 +161,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000)
     ap.add_argument("--photos", type=int, default=400, help="real photos embedded (and the embed baseline)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--kinds", nargs="+", default=["upload", "id"], choices=["upload", "id"])
+    ap.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[],
+                    help="passed on to tl-embed serve (e.g. --max-batch 16); must come last")
     args = ap.parse_args()
     if not (SHARED / "weights").is_dir():
         sys.exit(f"{SHARED / 'weights'} is needed (genuine MobileNetV2 weights)")
@@ -184,7 +188,7 @@ def main() -> None:
         port = _free_port()
         env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
         proc = subprocess.Popen([sys.executable, "-m", "tl_embed.cli", "serve", str(tmp / "big.tli"),
-                                 "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
+                                 "--port", str(port), *args.serve_args], env=env, stderr=subprocess.PIPE, text=True)
         try:
             t = time.perf_counter()
             wait_ready(proc, port)
@@ -196,27 +200,43 @@ def main() -> None:
             by_id = [(b, "application/json") for b in ids]
             load(port, uploads[:2], 2, 20, 30)  # warm-up: first requests compile nothing, but fill caches
             results = {}
-            print(f"\n{'query':<8}{'clients':>8}{'done':>7}{'errors':>7}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}")
+            print(f"\n{'query':<8}{'clients':>8}{'done':>7}{'errors':>7}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}"
+                  f"{'service CPU ms/req':>20}{'client CPU ms/req':>19}")
             for kind, bodies in (("upload", uploads), ("id", by_id)):
+                if kind not in args.kinds:
+                    continue
                 for clients in args.clients:
+                    before = _cpu_seconds(proc.pid), time.process_time()
                     r = load(port, bodies, clients, args.requests, args.seconds)
+                    service_cpu, client_cpu = _cpu_seconds(proc.pid) - before[0], time.process_time() - before[1]
                     results[kind, clients] = r
+                    per = 1000 / max(r["done"] + r["errors"], 1)
                     print(f"{kind:<8}{clients:>8}{r['done']:>7}{r['errors']:>7}{r['p50']:>9.1f}{r['p99']:>9.1f}"
-                          f"{r['rps']:>9.1f}" + (f"  first error: {r['first_error'][0]}" if r["errors"] else ""))
+                          f"{r['rps']:>9.1f}{service_cpu * per:>20.1f}{client_cpu * per:>19.1f}"
+                          + (f"  first error: {r['first_error'][0]}" if r["errors"] else ""))
             info = _get_json(port, "/info")["batching"]
             print(f"\nbatching: {info['images']} uploads embedded in {info['batches']} batches "
                   f"(max {info['max_batch']}, wait {info['max_wait_ms']:.0f} ms)")
         finally:
             proc.terminate()
             proc.wait(30)
-    one, many = results.get(("upload", 1)), results.get(("upload", max(args.clients)))
+    if "upload" not in args.kinds:
+        return
+    one, many = results.get(("upload", min(args.clients))), results.get(("upload", max(args.clients)))
     errors = sum(r["errors"] for r in results.values())
-    print(f"\ngoal upload p50 <= 50 ms at 1 client: {one['p50']:.1f} ms -> {'met' if one['p50'] <= 50 else 'MISSED'}")
+    print(f"\ngoal upload p50 <= 50 ms at {one['clients']} client(s): {one['p50']:.1f} ms -> "
+          f"{'met' if one['p50'] <= 50 else 'MISSED'}")
     ratio = many["rps"] / embed_rate
     print(f"goal upload throughput at {many['clients']} clients >= 0.8 x embed: {many['rps']:.1f} / "
           f"{embed_rate:.1f} = {ratio:.2f}x -> {'met' if ratio >= 0.8 else 'MISSED'}")
     print(f"errors: {errors}")
     print(f"load average after: {_load()}")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its threads so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _load() -> str:

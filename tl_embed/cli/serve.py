@@ -40,6 +40,7 @@ def register_serve(sub) -> None:
 def cmd_serve(args) -> None:
     try:
         import uvicorn
+        from threadpoolctl import threadpool_limits
 
         from ..serve.app import create_app, load_service
     except ImportError as e:
@@ -61,7 +62,10 @@ def cmd_serve(args) -> None:
     print(f"tl-embed: serving {service.catalog.index.path} ({len(service.catalog)} images, "
           f"{len(service.heads)} head(s)) at http://{_url_host(host)}:{port}/", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    # this process only serves: its parallelism is the requests', its cores the runtime's streams;
+    # BLAS thread pools (FAISS's exact search) would only spin between the many small searches
+    with threadpool_limits(1, user_api="blas"):
+        uvicorn.Server(config).run(sockets=[sock])
 
 
 def _is_loopback(host: str) -> bool:

@@ -296,15 +296,22 @@ class Index:
         _, candidates = self.faiss_index.search(q, short)
         return self._reranker.rerank(q, candidates, k, self.meta["metric"])
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[SearchHit]]:
-        """Neighbours of already-embedded query vectors (same backbone as the index)."""
+    def search_scored(self, vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, store ids) of the k nearest of already-embedded query vectors, best first, id -1 padded.
+
+        The arrays alone, for callers that answer many queries (the service) and need no paths.
+        """
         if k < 1:
             raise TlEmbedError(f"-k must be at least 1, not {k}")
         q = prepare_vectors(np.atleast_2d(vectors), self.meta["metric"])
         if q.shape[1] != self.spec.dim:
             raise TlEmbedError(f"query vectors have dimension {q.shape[1]}, the index {self.spec.dim}")
         with faiss_errors(f"search the {self.meta['factory']} index {self.path}"):
-            scores, ids = self._search(q, k)
+            return self._search(q, k)
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[SearchHit]]:
+        """Neighbours of already-embedded query vectors (same backbone as the index)."""
+        scores, ids = self.search_scored(vectors, k)
         rows = self.table.position(ids.ravel()).reshape(ids.shape)
         return [[SearchHit(r + 1, self.table.absolute(self.table.relative(int(row))), float(s), int(i))
                  for r, (s, i, row) in enumerate(zip(srow, irow, prow, strict=True)) if i >= 0 and row >= 0]
