@@ -74,7 +74,6 @@ def load_service(index: str | os.PathLike, heads: list[str] = (), runtime: str =
                  trust_pickle: bool = False) -> Service:
     """Open the index, its store (read-only) and the heads; refuse heads made with another backbone."""
     from ..embedding.query import runtime_for
-    from ..search.index import load_faiss
 
     catalog = Catalog(index)
     loaded = []
@@ -82,7 +81,6 @@ def load_service(index: str | os.PathLike, heads: list[str] = (), runtime: str =
         head = Head.load(path, trust_pickle)
         check_compatible(catalog.index.spec, head.spec, f"head {path}")
         loaded.append((Path(path).stem, head))
-    load_faiss().omp_set_num_threads(1)  # requests already run in parallel: no nested OpenMP teams
     return Service(catalog, runtime_for(catalog.index.spec, runtime), loaded, min_confidence, max_batch, max_wait)
 
 

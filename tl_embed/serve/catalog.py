@@ -101,15 +101,18 @@ class Catalog:
         Exact (Flat) search of one query streams every stored vector from memory; a batch shares that
         pass through a matrix product (FAISS's BLAS path), which is what makes concurrent requests cheap.
         FAISS picks that path by a global threshold, so this runs in one thread only (the service's
-        search batcher) and sets it per call.  That thread searches without OpenMP's threads: the
+        search batcher) and sets it for the call.  That thread searches without OpenMP's threads: the
         parallelism is the requests', the cores belong to the runtime's streams, and OpenMP's threads
         spin between the many small searches, stealing those cores (16 clients on 2 cores: 36 -> 28 ms
         of CPU per upload, 0.74x -> 0.93x `embed`'s throughput).
         """
         faiss = load_faiss()
-        faiss.cvar.distance_compute_blas_threshold = 1 if len(queries) > 1 else self._blas_threshold
         faiss.omp_set_num_threads(1)  # for this thread only (an OpenMP setting is per thread)
-        scores, ids = self.index.search_scored(queries, FETCH)
+        faiss.cvar.distance_compute_blas_threshold = 1 if len(queries) > 1 else self._blas_threshold
+        try:
+            scores, ids = self.index.search_scored(queries, FETCH)
+        finally:
+            faiss.cvar.distance_compute_blas_threshold = self._blas_threshold
         return [[(int(i), float(s)) for s, i in zip(srow, irow, strict=True) if i >= 0]
                 for srow, irow in zip(scores, ids, strict=True)]
 
