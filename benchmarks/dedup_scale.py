@@ -150,17 +150,24 @@ def run_child(store: Path, mode: str, threshold: float, k: int, labels: Path) ->
 
 
 def exact_pairs_of(store: Path, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Every (query row, other row) pair at cosine >= threshold, by brute force over the streamed store."""
+    """Every (query row, other row) pair at cosine >= threshold, by brute force over the streamed store.
+
+    Rows are named by image number (img/NUMBER.jpg, the order they were added), like the groups'
+    labels: a store's positions follow its shards, which consolidation may reorder.
+    """
     from tl_embed.search.index import prepare_vectors
 
     with EmbeddingStore.open(store) as s:
-        q = prepare_vectors(s.take(np.sort(queries)), "cosine")
+        name_at = np.fromiter((int(Path(p).stem) for batch in s.iter_paths() for p in batch), np.int64, len(s))
+        position = np.empty_like(name_at)
+        position[name_at] = np.arange(len(name_at))
         qrows = np.sort(queries)
+        q = prepare_vectors(s.take(position[qrows]), "cosine")
         found = []
         for start, _, chunk in s.iter_chunks():
             sims = q @ prepare_vectors(chunk, "cosine").T
             a, b = np.nonzero(sims >= threshold - 1e-6)
-            found.append((qrows[a], start + b))
+            found.append((qrows[a], name_at[start + b]))
     a, b = (np.concatenate(x) for x in zip(*found, strict=True))
     return a[a != b], b[a != b]
 

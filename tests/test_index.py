@@ -30,7 +30,8 @@ def make_store(path, vectors, names=None):
 
 
 def test_auto_chooses_exact_then_ivf_then_compressed_codes():
-    assert choose_factory(50_000, 1280) == "Flat"
+    assert choose_factory(20_000, 1280) == "Flat"
+    assert choose_factory(50_000, 1280) == "IVF512,Flat"  # exact search of one query would read 256 MB
     assert choose_factory(200_000, 1280) == "IVF1024,Flat"
     assert choose_factory(500_000, 1280) == "IVF1024,SQfp16"  # 2.6 GB raw > the default 2 GB budget
     assert choose(1_000_000, 1280) == Choice("IVF2048,SQ8", rerank=True)  # 1.3 GB
