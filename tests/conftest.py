@@ -95,3 +95,15 @@ def shared_dataset(name: str) -> Path:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """FAISS without OpenMP threads for a module: its indexes are tiny, and threads spinning on a shared
+    2-core machine only cost time."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

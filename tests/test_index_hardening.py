@@ -26,13 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"log": lambda *_: None}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """These indexes are tiny: OpenMP threads spinning on a shared 2-core machine only cost time."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tiny indexes (conftest)
 
 
 def spec(dim):

@@ -13,12 +13,7 @@ DIM = 32
 QUIET = {"log": lambda *_: None}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tiny indexes (conftest)
 
 
 def cnn_like(n, seed=0):

@@ -59,23 +59,21 @@ def check_out_folder(out: str | None) -> None:
 
 def non_negative_int(value: str) -> int:
     """An integer of at least 0 (0 meaning none)."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {n}")
-    return n
+    return _int_at_least(value, 0)
 
 
 def positive_int(value: str) -> int:
     """An integer of at least 1 (counts, sizes, -k)."""
+    return _int_at_least(value, 1)
+
+
+def _int_at_least(value: str, low: int) -> int:
     try:
         n = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, not {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    if n < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, not {n}")
     return n
 
 
