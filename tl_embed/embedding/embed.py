@@ -15,7 +15,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from .backbones import (
     load_backbone,
 )
 from .images import DecodedImage, ImageDecodeError, load_image
-from .ray_engine import RayOptions, RayRun
+from .ray_engine import RayOptions, embed_with_ray
 from .runtime import Runtime, cpu_count, make_runtime, stream
 from .scan import ImageFile, Scan, is_utf8, scan
 from .store import MANIFEST, EmbeddingStore, Failure, ManifestRow
@@ -173,7 +172,6 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
     found = scan(root)
     report = EmbedReport(out, None, unreadable=dict(found.unreadable))
     store = _open_existing(out, report) if exists else None
-    ray_run: RayRun | None = None
     try:
         if store is not None:
             report.spec = store.spec
@@ -192,14 +190,8 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
             report.removed = store.remove(p.deleted)
         backbone = None
         if p.todo:
-            build = partial(_build, loader, model, tta, weights=weights, pooling=pooling, layer=layer,
-                            preprocess=preprocess)
-            if engine == "ray":
-                ray_run = RayRun(p.todo, runtime, batch_size, ray or RayOptions(workers=workers), progress)
-                backbone = ray_run.start(build)  # Ray and its actors start while the model is built
-            else:
-                backbone = build()
-            report.spec = backbone.spec
+            backbone = backbone_with_tta(
+                loader(model, weights=weights, pooling=pooling, layer=layer, preprocess=preprocess), tta)
             if store is None:
                 store = EmbeddingStore.create(out, backbone.spec, dtype=dtype, root=root)
             else:
@@ -207,17 +199,17 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
         if p.new_failures:
             store.record_failures(p.new_failures)
             report.failed.extend(p.new_failures)
-        if ray_run is not None:
-            ray_run.embed(store, report)
-        elif backbone is not None:
-            _run(p.todo, store, backbone, runtime, batch_size, workers, report, progress)
+        if backbone is not None:
+            if engine == "ray":
+                _run_ray(p.todo, store, backbone, runtime, batch_size, ray or RayOptions(workers=workers), report,
+                         progress)
+            else:
+                _run(p.todo, store, backbone, runtime, batch_size, workers, report, progress)
         if not report.interrupted and store.writable:
             store.consolidate()
         store.refresh()
         report.total = len(store)
     finally:
-        if ray_run is not None:
-            ray_run.close()
         if store is not None:
             store.close()
     report.seconds = time.perf_counter() - t0
@@ -255,13 +247,10 @@ def _nothing_found(root: Path, found: Scan) -> str:
     return msg
 
 
-def _build(loader: Callable[..., LoadedBackbone], model: str, tta: str, **options) -> LoadedBackbone:
-    return backbone_with_tta(loader(model, **options), tta)
-
-
 def _run(todo: list[ImageFile], store: EmbeddingStore, backbone: LoadedBackbone, runtime: str, batch_size: int,
          workers: int | None, report: EmbedReport, progress: bool) -> None:
     """Embed ``todo`` into ``store``; Ctrl-C ends the run early, keeping every committed batch."""
+    report.spec = backbone.spec
     run = with_tta(make_runtime(backbone, runtime), backbone.spec.tta)
     report.runtime = run.name
     t_embed = time.perf_counter()
@@ -271,6 +260,12 @@ def _run(todo: list[ImageFile], store: EmbeddingStore, backbone: LoadedBackbone,
     except KeyboardInterrupt:
         report.interrupted = True
     report.embed_seconds = time.perf_counter() - t_embed
+
+
+def _run_ray(todo: list[ImageFile], store: EmbeddingStore, backbone: LoadedBackbone, runtime: str,
+             batch_size: int, options: RayOptions, report: EmbedReport, progress: bool) -> None:
+    report.spec = backbone.spec
+    embed_with_ray(todo, store, backbone, runtime, batch_size, options, report, progress)
 
 
 def _check_same_source(store: EmbeddingStore, root: Path, model: str, pooling: str, tta: str) -> None:

@@ -5,27 +5,19 @@ so both engines give the same store. The backbone is built once, on the driver, 
 the object store as converted OpenVINO IR (or a saved Keras model for the keras runtime): every actor
 computes the same function, even with random weights, which a rebuild would draw anew.
 
-Start-up is most of a small run's cost on a few cores: Ray's start (~5 s on 2 cores), the actors'
-processes (~4 s: Python, Ray Data and OpenVINO imports) and the driver's TensorFlow import and model
-build (~7 s).  :class:`RayRun` overlaps them: the model is built on a thread while Ray starts and the
-actors spawn, and the actors wait in a :class:`ModelBox` for the model.
-
 Ray is imported here only, lazily: ``pip install "tl_embed[ray]"``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
-import queue
 import socket
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +34,6 @@ from .tta import with_tta
 
 ACTORS_START_S = 600  # all actors up before any work (a pool that cannot start is an error, not a hang)
 HEADROOM = 0.25  # CPUs never reserved by actors: Ray Data's own tasks need some, or the dataset hangs (ray#44687)
-QUEUED_BATCHES = 4  # batches the dataset may run ahead of the driver's commits
 
 
 @dataclass(frozen=True)
@@ -127,13 +118,10 @@ class Embedder:
     every actor ran the driver's model.
     """
 
-    def __init__(self, box, threads: int):
+    def __init__(self, model_ref, threads: int):
         import ray
 
-        refs = ray.get(box.get.remote())  # waits while the driver still builds the model
-        if refs is None:
-            raise RuntimeError("the driver could not build the model (its own error says why)")
-        shipped: ShippedModel = ray.get(refs[0])
+        shipped: ShippedModel = ray.get(model_ref)
         self.size = int(shipped.spec["input_size"])
         self.dim = int(shipped.spec["dim"])
         self.run = load_shipped(shipped, threads)
@@ -215,148 +203,55 @@ def default_workers(total: float, per_worker: float) -> int:
     return max(1, int(total // per_worker))
 
 
-class ModelBox:
-    """A Ray actor holding the shipped model's ref once the driver has it: actors can start before it exists.
+def embed_with_ray(todo: list[ImageFile], store: EmbeddingStore, backbone: LoadedBackbone, runtime: str,
+                   batch_size: int, options: RayOptions, report, progress: bool) -> None:
+    """Embed ``todo`` on Ray actors; each batch is committed on the driver as it streams back.
 
-    ``put([ref])`` (the ref inside a list, so the box holds a reference, not the bytes) or ``put(None)``
-    when the build failed; ``get`` waits for either.
-    """
-
-    def __init__(self):
-        self._ready = asyncio.Event()
-        self._refs: list | None = None
-
-    async def put(self, refs: list | None) -> None:
-        self._refs = refs
-        self._ready.set()
-
-    async def get(self) -> list | None:
-        await self._ready.wait()
-        return self._refs
-
-
-class RayRun:
-    """One ``--engine ray`` run: :meth:`start` builds the model while Ray and the actors start, :meth:`embed`
-    commits the vectors as they stream back, :meth:`close` stops what this run started.
-
-    The dataset is consumed on a thread from the moment Ray is up (consuming it is what starts the
-    actors), into a short queue that :meth:`embed` drains once the caller has its store.
     Ctrl-C (or a killed driver) loses only the batches in flight: the next run's plan continues.
     """
-
-    def __init__(self, todo: list[ImageFile], runtime: str, batch_size: int, options: RayOptions, progress: bool):
-        self.todo, self.runtime, self.batch_size, self.options, self.progress = (
-            todo, runtime, batch_size, options, progress)
-        self.ray = import_ray()
-        self.started = False
-        self.shipped: ShippedModel | None = None
-        self.batches: queue.Queue = queue.Queue(QUEUED_BATCHES)
-        self.stopping = threading.Event()
-        self.consumer: threading.Thread | None = None
-        self.handed_over = 0.0
-
-    def start(self, build: Callable[[], LoadedBackbone]) -> LoadedBackbone:
-        """The driver's backbone, built on a thread while Ray starts here (Ray's processes die with the
-        thread that started them, so not on a short-lived one) and the actors spawn."""
-        building = in_thread(lambda: _built_and_shipped(build, self.runtime))
-        self.started = start_ray(self.options.address)
-        box = self.ray.remote(num_cpus=0)(ModelBox).remote()
-        ds = dataset(self.ray, self.todo, box, self.batch_size, self.options)
-        self.consumer = threading.Thread(target=self._consume, args=(ds,), name="ray-batches", daemon=True)
-        self.consumer.start()
+    ray = import_ray()
+    with ThreadPoolExecutor(1, thread_name_prefix="convert") as pool:
+        converting = pool.submit(ship_model, backbone, runtime)  # overlaps Ray's start-up (~5 s on 2 cores)
+        started = start_ray(options.address)
+    try:
+        shipped = converting.result()
+        report.runtime = shipped.kind
+        files = {f.rel: f for f in todo}
+        previous = {f.rel: row for f in todo if (row := store.row_for(f.rel))}  # read once, not per commit
+        t0 = time.perf_counter()
         try:
-            backbone, self.shipped = building.result()
-        except BaseException:
-            box.put.remote(None)  # the waiting actors fail instead of waiting forever
-            raise
-        box.put.remote([self.ray.put(self.shipped)])
-        self.handed_over = time.perf_counter()
-        return backbone
-
-    def _consume(self, ds) -> None:
-        """Thread: the dataset's batches into the queue, then None; an exception is queued to be raised."""
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                if not self._put(batch):
-                    return
-            self._put(None)
-        except BaseException as e:  # noqa: BLE001 - handed to the driver's thread, which raises it
-            self._put(e)
-
-    def _put(self, item) -> bool:
-        while not self.stopping.is_set():
-            try:
-                self.batches.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def embed(self, store: EmbeddingStore, report) -> None:
-        """Commit each batch as it arrives, exactly as the local engine commits its own."""
-        from tqdm import tqdm
-
-        assert self.shipped is not None, "start() first"
-        report.runtime = self.shipped.kind
-        files = {f.rel: f for f in self.todo}
-        previous = {f.rel: row for f in self.todo if (row := store.row_for(f.rel))}  # read once, not per commit
-        bar = tqdm(total=len(self.todo), unit="img", desc="embedding (ray)", disable=not self.progress,
-                   file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
-        try:
-            while (batch := self._next()) is not None:
-                check_model(batch, self.shipped.fingerprint)
-                commit(batch, files, previous, store, report)
-                report.workers.update(batch["worker"])
-                bar.update(len(batch["rel"]))
+            _stream(ray, todo, files, previous, store, shipped, batch_size, options, report, progress)
         except KeyboardInterrupt:
             report.interrupted = True
-        finally:
-            bar.close()
-            report.embed_seconds = time.perf_counter() - self.handed_over
-
-    def _next(self) -> dict[str, np.ndarray] | None:
-        item = self.batches.get()
-        if isinstance(item, self.ray.exceptions.GetTimeoutError):
-            raise TlEmbedError(f"Ray could not start the workers within {ACTORS_START_S} s: the cluster lacks the "
-                               "CPUs or memory; use fewer --workers or a smaller --cpus-per-worker")
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        """Stop the consumer; shut Ray down if this run started it."""
-        self.stopping.set()
-        if self.started:
-            self.ray.shutdown()
-        if self.consumer is not None:
-            self.consumer.join(timeout=10)
+        report.embed_seconds = time.perf_counter() - t0
+    finally:
+        if started:
+            ray.shutdown()
 
 
-def in_thread(fn: Callable[[], Any]) -> Future:
-    """``fn()`` on a daemon thread: unlike a pool's, it does not hold up the exit of an interrupted run."""
-    done: Future = Future()
+def _stream(ray, todo: list[ImageFile], files: dict[str, ImageFile], previous: dict[str, ManifestRow],
+            store: EmbeddingStore, shipped: ShippedModel, batch_size: int, options: RayOptions, report,
+            progress: bool) -> None:
+    from tqdm import tqdm
 
-    def run() -> None:
-        try:
-            done.set_result(fn())
-        except BaseException as e:  # noqa: BLE001 - delivered through the future
-            done.set_exception(e)
+    bar = tqdm(total=len(todo), unit="img", desc="embedding (ray)", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    try:
+        for batch in dataset(ray, todo, shipped, batch_size, options).iter_batches(batch_size=None,
+                                                                                   batch_format="numpy"):
+            check_model(batch, shipped.fingerprint)
+            commit(batch, files, previous, store, report)
+            report.workers.update(batch["worker"])
+            bar.update(len(batch["rel"]))
+    except ray.exceptions.GetTimeoutError:
+        raise TlEmbedError(f"Ray could not start the workers within {ACTORS_START_S} s: the cluster lacks the CPUs "
+                           "or memory; use fewer --workers or a smaller --cpus-per-worker") from None
+    finally:
+        bar.close()
 
-    threading.Thread(target=run, name="build-model", daemon=True).start()
-    return done
 
-
-def _built_and_shipped(build: Callable[[], LoadedBackbone], runtime: str) -> tuple[LoadedBackbone, ShippedModel]:
-    backbone = build()
-    return backbone, ship_model(backbone, runtime)
-
-
-def dataset(ray, todo: list[ImageFile], box, batch_size: int, options: RayOptions):
-    """The files as a Ray dataset of ``batch_size``-row blocks, each one call of a fixed pool of
-    :class:`Embedder` actors, in order.
-
-    ``batch_size=None`` below keeps one block per call: with a row count, Ray Data bundles blocks up to
-    it (two ~63-row blocks per call here) and returns nothing until both are done."""
+def dataset(ray, todo: list[ImageFile], shipped: ShippedModel, batch_size: int, options: RayOptions):
+    """The files as a Ray dataset, mapped by a fixed pool of :class:`Embedder` actors, in order."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the store's rows in the local engine's order
     ctx.enable_progress_bars = False  # ours counts images
@@ -367,8 +262,9 @@ def dataset(ray, todo: list[ImageFile], box, batch_size: int, options: RayOption
     items = [{"path": str(f.path), "rel": f.rel} for f in todo]
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // batch_size)))
     return ds.map_batches(
-        Embedder, batch_size=None, batch_format="numpy",
-        fn_constructor_kwargs={"box": box, "threads": max(1, round(options.cpus_per_worker))},
+        Embedder, batch_size=batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"model_ref": ray.put(shipped),
+                               "threads": max(1, round(options.cpus_per_worker))},
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=actor_cpus(total, workers, options.cpus_per_worker))
 
