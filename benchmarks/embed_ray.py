@@ -42,7 +42,7 @@ from tl_embed.embedding.store import EmbeddingStore, ManifestRow  # noqa: E402
 SHARED = ROOT.parent / "shared"
 SETS = ("flowers5", "sign_digits")
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-SUMMARY = re.compile(r"Done: (\d+) embedded \(([\d.]+) images/s with the (\w+) runtime(?: on (\d+) Ray workers)?\)")
+SUMMARY = re.compile(r"Done: (\d+) embedded \(([\d.]+) images/s with the (\w+) runtime(?: on (\d+) Ray workers?)?\)")
 
 
 def cpu_description() -> str:

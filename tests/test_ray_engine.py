@@ -78,6 +78,8 @@ def test_ray_store_equals_local_and_reruns_embed_nothing(local_ray, tmp_path, ti
     assert {f.path: f.reason for f in report.failed} == {
         "red/not_an_image.jpg": "not a recognised image format", "blue/empty.png": "empty file (0 bytes)"}
     assert report.runtime == local.runtime and len(report.workers) == 2
+    assert f"with the {report.runtime} runtime on 2 Ray workers)" in report.text()
+    assert "Ray worker" not in local.text()
     same_store(tmp_path / "local.tle", tmp_path / "ray.tle")
     again = embed_folder(images, tmp_path / "ray.tle", engine="ray", ray=RayOptions(), **opts)
     assert (again.embedded, again.unchanged, len(again.failed)) == (0, 18, 2)

@@ -114,7 +114,8 @@ class EmbedReport:
             self.unchanged += len(touched)
 
     def text(self) -> str:
-        on = f" on {len(self.workers)} Ray workers" if self.workers else ""
+        n = len(self.workers)
+        on = f" on {n} Ray worker{'s' if n != 1 else ''}" if n else ""
         rate = (f" ({self.embedded / self.embed_seconds:.1f} images/s with the {self.runtime} runtime{on})"
                 if self.embedded and self.embed_seconds else "")
         parts = [f"{self.embedded} embedded{rate}", f"{self.unchanged} unchanged (skipped)"]
