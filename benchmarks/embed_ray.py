@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -35,22 +34,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from tl_embed.embedding.runtime import cpu_count  # noqa: E402
+from machine import describe_cpu  # noqa: E402
+
 from tl_embed.embedding.store import EmbeddingStore, ManifestRow  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 SETS = ("flowers5", "sign_digits")
-FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 SUMMARY = re.compile(r"Done: (\d+) embedded \(([\d.]+) images/s with the (\w+) runtime(?: on (\d+) Ray workers?)?\)")
-
-
-def cpu_description() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    lines = info.splitlines()
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
-    flags = set(next((ln for ln in lines if ln.startswith("flags")), "").split())
-    return f"{model}; {cpu_count()} usable cores; flags: {' '.join(f for f in FLAGS if f in flags) or '-'}"
 
 
 def link_images(dst: Path, total: int) -> int:
@@ -122,7 +114,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="ray actors (default: the engine's)")
     ap.add_argument("--cpus-per-worker", type=float, default=None)
     args = ap.parse_args()
-    print(f"CPU: {cpu_description()}")
+    print(describe_cpu())
     ray_args = ["--engine", "ray"] + (["--workers", str(args.workers)] if args.workers else []) + (
         ["--cpus-per-worker", str(args.cpus_per_worker)] if args.cpus_per_worker else [])
     with tempfile.TemporaryDirectory(prefix="tl-embed-bench-ray-") as tmp_str:
@@ -145,7 +137,7 @@ def main() -> None:
                 wall, summary = embed(folder, out, env, [*extra, "--batch-size", str(args.batch_size)])
                 walls[engine].append(wall)
                 last[engine] = summary
-                workers = f", {summary[4]} workers" if summary[4] else ""
+                workers = f", {summary[4]} Ray worker(s)" if summary[4] else ""
                 print(f"  run {run + 1} {engine:>5}: {int(summary[1]) / wall:6.1f} img/s for the whole command "
                       f"({wall:5.1f} s); {float(summary[2]):6.1f} img/s embedding only{workers}")
         med = {e: statistics.median(w) for e, w in walls.items()}
@@ -162,7 +154,7 @@ def project(summary: re.Match, commit: float) -> None:
     """What N workers would reach, from the measured per-worker rate and the driver's commit rate."""
     workers = int(summary[4] or 1)
     per_worker = float(summary[2]) / workers
-    print(f"per-worker rate {per_worker:.1f} img/s ({workers} workers sharing this machine's cores); driver commit "
+    print(f"per-worker rate {per_worker:.1f} img/s ({workers} worker(s) sharing this machine's cores); driver commit "
           f"{commit:.0f} img/s ({1000 / commit:.2f} ms/img in store.add)")
     for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
         rate = min(n * per_worker, commit)
