@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tl_embed.embedding.runtime import cpu_count
+from tl_embed.cpus import cpu_count
 
 HERE = Path(__file__).resolve().parent
 DATASETS = HERE.parent.parent / "shared" / "datasets"

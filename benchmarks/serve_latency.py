@@ -42,7 +42,7 @@ def cpu_text() -> str:
     model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
                  platform.processor())
     flags = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("flags")), "")
-    from tl_embed.embedding.runtime import cpu_count
+    from tl_embed.cpus import cpu_count
 
     return f"CPU: {model}, {cpu_count()} usable cores\nflags: {flags}"
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from conftest import make_folder
 
+from tl_embed import cpus
 from tl_embed.cli import main
 from tl_embed.embedding import runtime as rt
 from tl_embed.embedding.backbones import load_backbone
@@ -154,17 +155,17 @@ def test_abandoned_stream_leaves_no_results_behind(tiny_backbone):
     ({}, None),
 ])
 def test_cgroup_cpu_quota(tmp_path, monkeypatch, files, expected):
-    monkeypatch.setattr(rt, "_own_cgroups", lambda: [""])
+    monkeypatch.setattr(cpus, "_own_cgroups", lambda: [""])
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert rt.cgroup_cpu_quota(tmp_path) == expected
+    assert cpus.cgroup_cpu_quota(tmp_path) == expected
 
 
 def test_cpu_count_is_capped_by_the_quota(tmp_path, monkeypatch):
-    monkeypatch.setattr(rt, "_own_cgroups", lambda: [""])
-    monkeypatch.setattr(rt.os, "sched_getaffinity", lambda _: set(range(64)))
+    monkeypatch.setattr(cpus, "_own_cgroups", lambda: [""])
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda _: set(range(64)))
     (tmp_path / "cpu.max").write_text("150000 100000\n")
-    assert rt.cpu_count(tmp_path) == 2  # 1.5 CPUs of quota: two threads keep it busy
+    assert cpus.cpu_count(tmp_path) == 2  # 1.5 CPUs of quota: two threads keep it busy
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert rt.cpu_count(tmp_path) == 64
+    assert cpus.cpu_count(tmp_path) == 64

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cpus import cpu_count
 from ..errors import StoreDamagedError, StoreError, StoreReadOnlyError, TlEmbedError
 from .backbones import (
     BackboneSpec,
@@ -29,7 +30,7 @@ from .backbones import (
 )
 from .images import DecodedImage, ImageDecodeError, load_image
 from .ray_engine import RayOptions, embed_with_ray
-from .runtime import Runtime, cpu_count, make_runtime, stream
+from .runtime import Runtime, make_runtime, stream
 from .scan import ImageFile, Scan, is_utf8, scan
 from .store import MANIFEST, EmbeddingStore, Failure, ManifestRow
 from .tta import backbone_with_tta, check_tta, with_tta

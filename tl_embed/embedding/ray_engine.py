@@ -24,10 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from ..cpus import cpu_count
 from ..errors import TlEmbedError
 from .backbones import BackboneSpec, LoadedBackbone
 from .images import ImageDecodeError, load_image
-from .runtime import KerasRuntime, OpenVINORuntime, Runtime, check_runtime, cpu_count, fallback, load_or_convert, stream
+from .runtime import KerasRuntime, OpenVINORuntime, Runtime, check_runtime, fallback, load_or_convert, stream
 from .scan import ImageFile
 from .store import EmbeddingStore, Failure, ManifestRow
 from .tta import with_tta

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -32,6 +31,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from ..cpus import cpu_count
 from ..errors import TlEmbedError
 from .backbones import BackboneSpec, LoadedBackbone, keras_cache_dir
 
@@ -49,56 +49,6 @@ class Runtime(Protocol):
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 -> (N, D) float32."""
-
-
-def cpu_count(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """Cores this process may use: its CPU affinity (taskset, cpusets), capped by a cgroup CPU quota.
-
-    A container limited to 2 CPUs on a 64-core host sees 64 cores in its affinity mask; its quota
-    (``cpu.max`` in cgroup v2, ``cpu.cfs_quota_us``/``cpu.cfs_period_us`` in v1) says 2.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    quota = cgroup_cpu_quota(cgroup_root)
-    return max(1, min(cores, math.ceil(quota))) if quota else cores
-
-
-def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """CPUs allowed by this process's cgroup quota, or None when there is none (or no cgroup fs)."""
-    for rel in _own_cgroups():
-        v2 = root / rel / "cpu.max"
-        v1 = root / "cpu" / rel
-        try:
-            if v2.is_file():
-                quota, period = v2.read_text().split()[:2]
-                if quota != "max":
-                    return int(quota) / int(period)
-            elif (v1 / "cpu.cfs_quota_us").is_file():
-                quota = int((v1 / "cpu.cfs_quota_us").read_text())
-                if quota > 0:
-                    return quota / int((v1 / "cpu.cfs_period_us").read_text())
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def _own_cgroups() -> list[str]:
-    """This process's cgroup paths (relative), innermost first, ending with the root ("")."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return [""]
-    paths: list[str] = []
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) == 3 and (parts[1] == "" or "cpu" in parts[1].split(",")):
-            rel = parts[2].strip("/")
-            while rel:
-                paths.append(rel)
-                rel = rel.rpartition("/")[0]
-    return [*dict.fromkeys(paths), ""]
 
 
 def configure_threads(intra_op: int | None = None, inter_op: int = 1) -> None:

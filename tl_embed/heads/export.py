@@ -430,7 +430,7 @@ def _load_savedmodel(path: Path) -> Callable:
 
 
 def _load_tflite(path: Path) -> Callable:
-    from ..embedding.runtime import cpu_count
+    from ..cpus import cpu_count
 
     _quiet_tensorflow()
     with warnings.catch_warnings():  # tf.lite.Interpreter's notice that LiteRT is its new home

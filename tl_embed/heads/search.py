@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..embedding.runtime import cpu_count
+from ..cpus import cpu_count
 
 TRANSFORMS = ("none", "sqrt-l2")  # "sqrt-l2": signed square root, then L2 normalisation
 LIMITS = (-6.0, 2.0)  # log10 C: the sweep walks past a winning edge of its start, but not past these

@@ -25,9 +25,10 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..cpus import cpu_count
 from ..embedding.backbones import check_compatible
 from ..embedding.images import ImageDecodeError, decode_bytes
-from ..embedding.runtime import Runtime, cpu_count
+from ..embedding.runtime import Runtime
 from ..errors import TlEmbedError
 from ..heads.head import Head
 from .batching import Batcher
