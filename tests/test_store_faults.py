@@ -5,6 +5,7 @@ what it should, or the user sees one line saying what went wrong."""
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import os
 import shutil
 import sqlite3
@@ -254,6 +255,30 @@ def test_second_writer_is_refused_with_one_line(tmp_path, tiny_model):
     assert store_vectors(out).keys() == before.keys()
     assert subprocess.run(embed_cmd(images, out, tiny_model), capture_output=True, timeout=120).returncode == 0
     assert len(store_vectors(out)) == 12
+
+
+def test_a_forked_child_does_not_keep_the_writer_lock(tmp_path):
+    """Libraries fork (multiprocessing; OpenVINO's telemetry sender during a model conversion) and the
+    child shares the lock's open file: once the writer closes the store, the next writer must get it."""
+    path = tmp_path / "s.tle"
+    EmbeddingStore.create(path, SPEC).close()
+    fork = multiprocessing.get_context("fork")
+    running = fork.Event()
+    with EmbeddingStore.open(path, "a"):
+        child = fork.Process(target=_signal_then_sleep, args=(running,), daemon=True)
+        child.start()
+        assert running.wait(30)  # the child is past fork and into its own code
+    try:
+        with EmbeddingStore.open(path, "a") as again:
+            assert again.writable
+    finally:
+        child.terminate()
+        child.join()
+
+
+def _signal_then_sleep(running) -> None:
+    running.set()
+    time.sleep(60)
 
 
 # ------------------------------------------------- full disk, read-only media

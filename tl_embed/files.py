@@ -31,7 +31,8 @@ def fsync_dir(folder: Path) -> None:
 
 def try_lock(lock_file: Path) -> int | None:
     """Open ``lock_file`` and take an exclusive flock without waiting: the fd, or None when another
-    process holds it.  The OS releases the lock when the holder dies, so a killed writer never blocks."""
+    process holds it.  The OS releases the lock when the holder dies, so a killed writer never blocks.
+    Release it with :func:`unlock`."""
     import fcntl
 
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
@@ -40,4 +41,33 @@ def try_lock(lock_file: Path) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    _held.add(fd)
     return fd
+
+
+def unlock(fd: int) -> None:
+    """Release a lock taken by :func:`try_lock`."""
+    _held.discard(fd)
+    os.close(fd)
+
+
+_held: set[int] = set()  # lock fds this process holds
+
+
+def _drop_locks_in_child() -> None:
+    """A forked child must not keep this process's locks alive.
+
+    An flock belongs to the open file, which ``fork`` shares: a child that outlives the writer's
+    ``close`` (multiprocessing, OpenVINO's telemetry sender forked during a model conversion and left
+    waiting on the network) would hold the lock, and the next writer would be refused.
+    """
+    for fd in _held:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; where there is no fork there is nothing to inherit
+    os.register_at_fork(after_in_child=_drop_locks_in_child)

@@ -41,7 +41,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import StoreDamagedError, StoreError, StoreReadOnlyError
-from ..files import atomic_write, fsync_dir, try_lock
+from ..files import atomic_write, fsync_dir, try_lock, unlock
 from .backbones import BackboneSpec
 
 FORMAT_VERSION = 1
@@ -174,7 +174,7 @@ class EmbeddingStore:
             store = cls(path, conn, lock_fd)
         except BaseException:
             if lock_fd is not None:
-                os.close(lock_fd)
+                unlock(lock_fd)
             raise
         if mode == "a":
             store._remove_orphan_files()
@@ -207,7 +207,7 @@ class EmbeddingStore:
             finally:
                 conn.close()
         finally:
-            os.close(lock_fd)
+            unlock(lock_fd)
 
     def _upgrade_schema(self) -> None:
         """Stores made by an earlier tl_embed get the shard index and dead-row counts on their first write."""
@@ -220,7 +220,7 @@ class EmbeddingStore:
     def close(self) -> None:
         self._conn.close()
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
+            unlock(self._lock_fd)
             self._lock_fd = None
 
     def __enter__(self) -> EmbeddingStore:

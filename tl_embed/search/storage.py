@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import IndexDamagedError, TlEmbedError
-from ..files import atomic_write, try_lock
+from ..files import atomic_write, try_lock, unlock
 
 DATA_FILE, LOCK_FILE = "index.bin", ".lock"
 OLD_FILES = ("index.faiss", "meta.json")  # the format before index.bin: two files renamed separately
@@ -298,4 +298,4 @@ def writer_lock(out: Path) -> Iterator[None]:
             (out / LOCK_FILE).unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 out.rmdir()
-        os.close(fd)
+        unlock(fd)
