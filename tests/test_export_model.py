@@ -186,3 +186,29 @@ def test_a_head_on_flip_tta_embeddings_exports_the_mean_of_both_views(world, tin
     for fmt in FORMATS:
         got = load_export(export_model(head, fmt, root / f"flip-{fmt}").out)(world["images"])
         np.testing.assert_allclose(got, head.predict_proba(Xq), atol=ATOL, err_msg=fmt)
+
+
+def test_openvino_export_runs_in_f32_as_its_readme_says(world, monkeypatch):
+    """OpenVINO picks bf16 by default on a CPU with native bf16: the loader and the README's snippet must
+    both state f32, so every CPU runs the export at the precision it was checked in."""
+    import re
+
+    import openvino as ov
+
+    folder = world["root"] / "svm-openvino"
+    if not folder.exists():
+        export_model(world["heads"]["svm"], "openvino", folder)
+    configs = []
+    compile_model = ov.Core.compile_model
+    monkeypatch.setattr(ov.Core, "compile_model",
+                        lambda self, model, device, config=None: configs.append(config) or compile_model(
+                            self, model, device, config or {}))
+    expected = load_export(folder)(world["images"])
+    snippet = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+    snippet = snippet.replace('["photo.jpg"]', repr([str(p) for p in world["paths"]]))
+    monkeypatch.chdir(folder)
+    scope: dict = {}
+    exec(snippet, scope)  # the README's own code, run as a user would from the export folder
+    assert [c.get("INFERENCE_PRECISION_HINT") for c in configs] == ["f32", "f32"]
+    assert (scope["proba"].argmax(1) == expected.argmax(1)).all()
+    np.testing.assert_allclose(scope["proba"], expected, atol=ATOL)

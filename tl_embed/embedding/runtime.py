@@ -51,6 +51,12 @@ class Runtime(Protocol):
         """(N, S, S, 3) uint8 -> (N, D) float32."""
 
 
+def openvino_precision(precision: str = "f32") -> dict[str, str]:
+    """The config that pins OpenVINO's inference precision: left unstated, a CPU with native bf16
+    (AVX512_BF16, AMX) runs bf16 by default, and results drift from fp32 behind the user's back."""
+    return {"INFERENCE_PRECISION_HINT": precision}
+
+
 def configure_threads(intra_op: int | None = None, inter_op: int = 1) -> None:
     """Pin TensorFlow's thread pools before the first op runs.
 
@@ -150,7 +156,7 @@ class OpenVINORuntime:
         threads = threads or cpu_count()
         compiled = ov.Core().compile_model(model, "CPU", {
             "PERFORMANCE_HINT": "THROUGHPUT",
-            "INFERENCE_PRECISION_HINT": "f32",  # never bf16/fp16 behind the user's back
+            **openvino_precision(),
             "INFERENCE_NUM_THREADS": threads,
             # A process given fewer threads than the machine's cores (a Ray actor) shares the machine
             # with others: pinned, every such process puts its threads on the same first cores (two

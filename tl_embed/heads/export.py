@@ -333,7 +333,9 @@ _USAGE = {  # format -> (load the model, run it on ``images``)
                "it.set_tensor(inp, images)\nit.invoke()\nproba = it.get_tensor(out)"),
     "onnx": ('import onnxruntime as ort\nsession = ort.InferenceSession("model.onnx")',
              'proba = session.run(None, {"image": images})[0]'),
-    "openvino": ('import openvino as ov\nmodel = ov.Core().compile_model("model.xml", "CPU")',
+    "openvino": ('import openvino as ov\n'
+                 '# f32 as exported: left unstated, a CPU with native bf16 runs bf16 and the probabilities drift\n'
+                 'model = ov.Core().compile_model("model.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32"})',
                  "proba = model(images)[0]"),
 }
 
@@ -464,7 +466,9 @@ def _load_onnx(path: Path) -> Callable:
 def _load_openvino(path: Path) -> Callable:
     import openvino as ov
 
-    model = ov.Core().compile_model(path, "CPU")
+    from ..embedding.runtime import openvino_precision
+
+    model = ov.Core().compile_model(path, "CPU", openvino_precision("f32"))
     return lambda x: model(x)[0]
 
 
