@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TlEmbedError, WeightsUnavailableError
+from ..tf_quiet import import_keras
 
 POOLINGS = ("avg", "max")
 TTAS = ("none", "flip")  # test-time augmentations (tta.py): the views averaged into an embedding
@@ -231,7 +232,7 @@ def load_backbone(model: str, weights: str = "imagenet", pooling: str = "avg",
 
 
 def _load_application(bb: Backbone, weights: str, pooling: str, include_top: bool) -> LoadedBackbone:
-    keras = _import_keras()
+    keras = import_keras()
     ctor = getattr(keras.applications, bb.keras_name)
     weights_arg, sha = _resolve_weights(weights)
     shape = (bb.input_size, bb.input_size, 3)
@@ -307,7 +308,7 @@ def keras_downloads(what: str) -> Iterator[list[str]]:
 def _load_custom(path_str: str, layer: str | None, pooling: str,
                  preprocess: str | None) -> LoadedBackbone:
     """A user's saved Keras model, optionally cut at ``layer``, globally pooled if still spatial."""
-    keras = _import_keras()
+    keras = import_keras()
     path = Path(path_str).expanduser()
     if not path.is_file():
         raise TlEmbedError(f"model file {path} does not exist")
@@ -345,8 +346,3 @@ def _load_custom(path_str: str, layer: str | None, pooling: str,
     return LoadedBackbone(full, spec)
 
 
-def _import_keras():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
-    return keras

@@ -16,12 +16,12 @@ from .scan import expand_inputs
 def classify(inputs: list[str | os.PathLike], model: str = "mobilenet_v2",
              top_k: int = 3) -> list[tuple[str, list[tuple[str, float]]]]:
     """Top-k ImageNet labels (``decode_predictions`` names) with probabilities for each image."""
-    from keras.applications.imagenet_utils import decode_predictions
-
     paths = expand_inputs(inputs)
     if not paths:
         raise TlEmbedError("no images given")
     backbone = load_backbone(model, weights="imagenet", include_top=True)
+    from keras.applications.imagenet_utils import decode_predictions  # keras is imported (quietly) by now
+
     emb = embed_paths(paths, make_runtime(backbone), backbone.spec.input_size)
     for path, reason in emb.failed:
         print(f"tl-embed: skipped {path}: {reason}")

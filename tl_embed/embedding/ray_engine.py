@@ -26,6 +26,8 @@ import numpy as np
 
 from ..cpus import cpu_count
 from ..errors import TlEmbedError
+from ..tf_quiet import LOG_LEVEL as TF_LOG_LEVEL
+from ..tf_quiet import import_keras
 from .backbones import BackboneSpec, LoadedBackbone
 from .images import ImageDecodeError, load_image
 from .runtime import KerasRuntime, OpenVINORuntime, Runtime, check_runtime, fallback, load_or_convert, stream
@@ -106,9 +108,7 @@ def load_shipped(shipped: ShippedModel, threads: int) -> Runtime:
 
             model = ov.Core().read_model(Path(tmp) / "model.xml")
             return with_tta(OpenVINORuntime(LoadedBackbone(None, spec), threads=threads, model=model), spec.tta)
-        import keras
-
-        net = keras.models.load_model(Path(tmp) / "model.keras", compile=False)
+        net = import_keras().models.load_model(Path(tmp) / "model.keras", compile=False)
         return with_tta(KerasRuntime(LoadedBackbone(net, spec), threads=threads), spec.tta)
 
 
@@ -170,7 +170,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
         return False
     package_parent = str(Path(__file__).resolve().parents[2])  # actors import the driver's tl_embed
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])),
-           "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+           "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", TF_LOG_LEVEL)}
     if "TL_EMBED_CACHE" in os.environ:
         env["TL_EMBED_CACHE"] = os.environ["TL_EMBED_CACHE"]
     kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..cpus import cpu_count
 from ..errors import TlEmbedError
+from ..tf_quiet import import_tensorflow
 from .backbones import BackboneSpec, LoadedBackbone, keras_cache_dir
 
 RUNTIMES = ("auto", "keras", "openvino")
@@ -63,7 +64,7 @@ def configure_threads(intra_op: int | None = None, inter_op: int = 1) -> None:
     One inter-op thread (a CNN is a chain of ops) and intra-op threads = cores: decoding threads
     mostly wait on Pillow's GIL-free C code, so they share the cores without oversubscription.
     """
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(intra_op or cpu_count())
@@ -92,9 +93,8 @@ class KerasRuntime:
     name = "keras"
 
     def __init__(self, backbone: LoadedBackbone, threads: int | None = None):
-        import tensorflow as tf
-
         configure_threads(threads)
+        tf = import_tensorflow()
         model = backbone.model
         size = backbone.spec.input_size
         self.dim = backbone.spec.dim

@@ -75,10 +75,9 @@ def _train(X: np.ndarray, idx: np.ndarray, n_classes: int, hidden: int, seed: in
     here (iterators, callbacks), which for a few hundred small epochs was most of the time.
     With ``validation``, training stops ``PATIENCE`` epochs after the best validation loss.
     """
-    import os
+    from ..tf_quiet import import_tensorflow
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     tf.keras.utils.set_random_seed(seed)
     layers: list = [tf.keras.Input((X.shape[1],))]

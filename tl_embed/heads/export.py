@@ -36,6 +36,7 @@ import numpy as np
 from .. import __version__
 from ..errors import TlEmbedError
 from ..files import fsync_dir
+from ..tf_quiet import import_tensorflow
 from .graph import Step
 from .head import Head
 
@@ -93,7 +94,7 @@ def export_model(head: Head, fmt: str, out: str | os.PathLike) -> ExportResult:
 
 def build_classifier(head: Head):
     """The Keras model uint8 RGB ``(N, S, S, 3)`` -> ``(N, classes)`` probabilities."""
-    _quiet_tensorflow()
+    import_tensorflow()
     import keras
 
     from ..embedding.backbones import check_compatible, load_backbone
@@ -408,7 +409,7 @@ def load_export(path: str | os.PathLike) -> ExportedModel:
 def _load_keras(path: Path) -> Callable:
     from ..embedding.runtime import configure_threads
 
-    _quiet_tensorflow()
+    import_tensorflow()
     configure_threads()
     import keras
     import tensorflow as tf
@@ -423,7 +424,7 @@ def _load_keras(path: Path) -> Callable:
 def _load_savedmodel(path: Path) -> Callable:
     from ..embedding.runtime import configure_threads
 
-    _quiet_tensorflow()
+    import_tensorflow()
     configure_threads()
     import tensorflow as tf
 
@@ -434,7 +435,7 @@ def _load_savedmodel(path: Path) -> Callable:
 def _load_tflite(path: Path) -> Callable:
     from ..cpus import cpu_count
 
-    _quiet_tensorflow()
+    import_tensorflow()
     with warnings.catch_warnings():  # tf.lite.Interpreter's notice that LiteRT is its new home
         warnings.simplefilter("ignore")
         import tensorflow as tf
@@ -475,11 +476,6 @@ def _load_openvino(path: Path) -> Callable:
 _LOADERS: dict[str, Callable[[Path], Callable]] = {
     "keras": _load_keras, "savedmodel": _load_savedmodel, "tflite": _load_tflite,
     "onnx": _load_onnx, "openvino": _load_openvino}
-
-
-def _quiet_tensorflow() -> None:
-    """TensorFlow's C++ info lines (grappler, CPU features) are noise on a command line."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _require(*modules: str, what: str) -> None:

@@ -47,31 +47,131 @@ def metrics_markdown(m: Metrics, title: str, details: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def confusion_png(m: Metrics, path: Path, cell: int = 44) -> None:
-    """Heatmap of the row-normalised confusion matrix with counts, class names on both axes."""
-    cm = np.asarray(m.confusion, dtype=float)
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    font = ImageFont.load_default()
-    label_w = 8 + 7 * min(24, max(len(c) for c in m.classes))
+MARGIN = 16
+MIN_WIDTH = 420  # px: a 2-class matrix still has room for its title and a readable grid
+LABEL_MAX = 170  # px: longer class names are cut with an ellipsis
+TITLE_SIZE, TEXT_SIZE = 16, 13
+
+
+def report_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's bundled scalable font; Pillow < 10.1 only has the small bitmap one."""
+    try:
+        return ImageFont.load_default(size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def confusion_title(m: Metrics, title: str) -> list[str]:
+    """The picture's heading: what it shows and how to read it, one line each."""
+    return [title, f"accuracy {m.accuracy:.1%} on {m.n} images",
+            "rows: true class, columns: predicted class, shade: share of the true class"]
+
+
+def confusion_png(m: Metrics, path: Path, title: str = "Confusion matrix") -> None:
+    """Write :func:`confusion_image` as a PNG."""
+    confusion_image(m, title).save(path)
+
+
+def confusion_image(m: Metrics, title: str = "Confusion matrix") -> Image.Image:
+    """Heatmap of the row-normalised confusion matrix with counts, class names on both axes.
+
+    Sized to its content so nothing is clipped: cells shrink from 64 to 24 px as classes grow (2 to
+    50 classes read at a glance), the canvas is at least as wide as every heading line, a too long
+    title is wrapped, long class names are shortened with an ellipsis, and column names turn
+    vertical when they do not fit across their cell.
+    """
+    cm = np.asarray(m.confusion, dtype=int)
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(m.classes)
-    img = Image.new("RGB", (label_w + n * cell + 10, label_w + n * cell + 30), "white")
+    cell = int(np.clip(640 // max(n, 1), 24, 64))
+    head_font, font = report_font(TITLE_SIZE), report_font(TEXT_SIZE)
+    count_font = _fitting_font(str(cm.max(initial=0)), cell - 6, min(TEXT_SIZE + 1, cell // 2))
+    names = [_shorten(c, font, LABEL_MAX) for c in m.classes]
+    name_w = int(max(font.getlength(c) for c in names))
+    line_h = TEXT_SIZE + 6
+    upright = name_w <= cell - 6
+    cols_h = line_h if upright else name_w + 6
+
+    lines = confusion_title(m, title)
+    grid_w = MARGIN + line_h + name_w + 8 + n * cell + MARGIN
+    width = max(MIN_WIDTH, grid_w, 2 * MARGIN + int(max(head_font.getlength(t) for t in lines[1:])) + 1)
+    heading = _wrap(lines[0], head_font, width - 2 * MARGIN)
+    lines = heading + lines[1:]
+    top = MARGIN + len(lines) * (TITLE_SIZE + 6) + 8 + line_h + cols_h + 4
+    img = Image.new("RGB", (width, top + n * cell + MARGIN), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((label_w, 4), "rows: true class, columns: predicted", fill="black", font=font)
-    top = label_w + 20
-    for i, c in enumerate(m.classes):
-        draw.text((4, top + i * cell + cell // 2 - 6), c[:24], fill="black", font=font)
-        col = Image.new("RGB", (label_w - 10, 14), "white")
-        ImageDraw.Draw(col).text((0, 0), c[:24], fill="black", font=font)
-        img.paste(col.rotate(90, expand=True), (label_w + i * cell + cell // 2 - 7, 20))
+    for i, text in enumerate(lines):
+        draw.text((MARGIN, MARGIN + i * (TITLE_SIZE + 6)), text, fill="black" if i < len(heading) else (70, 70, 70),
+                  font=head_font)
+
+    left = (width - grid_w) // 2 + MARGIN + line_h + name_w + 8
+    _centred(draw, (left + n * cell / 2, top - cols_h - 4 - line_h / 2), "predicted class", font, (90, 90, 90))
+    axis = _text_image("true class", font, (90, 90, 90)).rotate(90, expand=True)
+    img.paste(axis, (left - name_w - 8 - line_h, top + (n * cell - axis.height) // 2))
+    for i, name in enumerate(names):
+        y = top + i * cell
+        _centred(draw, (left - 8 - font.getlength(name) / 2, y + cell / 2), name, font, "black")
+        x = left + i * cell
+        if upright:
+            _centred(draw, (x + cell / 2, top - 4 - line_h / 2), name, font, "black")
+        else:
+            label = _text_image(name, font, "black").rotate(90, expand=True)
+            img.paste(label, (x + (cell - label.width) // 2, top - 4 - label.height))
         for j in range(n):
-            v = norm[i, j]
-            shade = (int(255 - 220 * v), int(255 - 140 * v), 255)
-            x0, y0 = label_w + j * cell, top + i * cell
-            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=shade, outline=(200, 200, 200))
-            text = str(int(cm[i, j]))
-            draw.text((x0 + cell // 2 - 3 * len(text), y0 + cell // 2 - 6), text,
-                      fill="white" if v > 0.6 else "black", font=font)
-    img.save(path)
+            v = share[i, j]
+            x0 = left + j * cell
+            draw.rectangle([x0, y, x0 + cell - 1, y + cell - 1], fill=(int(255 - 220 * v), int(255 - 140 * v), 255),
+                           outline=(200, 200, 200))
+            ink = "white" if v > 0.6 else ("black" if cm[i, j] else (190, 190, 190))  # zeros recede
+            _centred(draw, (x0 + cell / 2, y + cell / 2), str(cm[i, j]), count_font, ink)
+    return img
+
+
+def _fitting_font(widest: str, room: int, size: int):
+    """The largest font (at most ``size``) in which ``widest`` fits in ``room`` px (counts in small cells)."""
+    while size > 7 and report_font(size).getlength(widest) > room:
+        size -= 1
+    return report_font(size)
+
+
+def _shorten(text: str, font, room: int) -> str:
+    """``text``, cut and ended with an ellipsis when wider than ``room`` px."""
+    if font.getlength(text) <= room:
+        return text
+    while text and font.getlength(text + "\u2026") > room:
+        text = text[:-1]
+    return text.rstrip() + "\u2026"
+
+
+def _wrap(text: str, font, room: int) -> list[str]:
+    """``text`` in lines at most ``room`` px wide, broken between words (inside a word only if it must)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= room:
+            lines[-1] += f" {word}"
+            continue
+        while font.getlength(word) > room and len(word) > 1:
+            cut = len(word) - 1
+            while cut > 1 and font.getlength(word[:cut]) > room:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return lines or [""]
+
+
+def _centred(draw: ImageDraw.ImageDraw, centre: tuple[float, float], text: str, font, fill) -> None:
+    """Draw ``text`` centred on ``centre`` (measured, so it works with the bitmap font too)."""
+    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+    draw.text((centre[0] - (x0 + x1) / 2, centre[1] - (y0 + y1) / 2), text, fill=fill, font=font)
+
+
+def _text_image(text: str, font, fill) -> Image.Image:
+    """``text`` alone on a white image, tightly cropped, to be rotated."""
+    x0, y0, x1, y1 = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
+    img = Image.new("RGB", (x1 - min(x0, 0) + 2, y1 - min(y0, 0) + 2), "white")
+    ImageDraw.Draw(img).text((-min(x0, 0) + 1, -min(y0, 0) + 1), text, fill=fill, font=font)
+    return img
 
 
 def write_report(m: Metrics, prefix: Path, title: str, details: dict[str, Any]) -> list[Path]:
@@ -81,5 +181,5 @@ def write_report(m: Metrics, prefix: Path, title: str, details: dict[str, Any]) 
     payload = json.dumps({"title": title, **details, "metrics": m.to_dict()}, indent=2, default=str)
     atomic_write(json_p, lambda f: f.write(payload.encode()))
     atomic_write(md_p, lambda f: f.write(metrics_markdown(m, title, details).encode()))
-    confusion_png(m, png_p)
+    confusion_png(m, png_p, title)
     return [json_p, md_p, png_p]
