@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import TlEmbedError
+from ..kinds import STORE
 from .options import add_backbone_options, add_command, add_runtime_option, positive_float, positive_int
 
 
@@ -66,7 +67,7 @@ def register_embed(sub) -> None:
                         "of the store, or all of it); without it such a run is refused, since an unmounted, "
                         "emptied or half-copied folder looks the same")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_embed)
+    p.set_defaults(func=cmd_embed, writes=STORE)
 
 
 def cmd_embed(args) -> int:
@@ -90,7 +91,7 @@ def register_info(sub) -> None:
     p = add_command(sub, "info", "show what made a store, its counts and its failed images")
     p.add_argument("store")
     p.add_argument("--format", choices=["text", "json"], default="text")
-    p.set_defaults(func=cmd_info)
+    p.set_defaults(func=cmd_info, reads={"store": (STORE,)})
 
 
 def cmd_info(args) -> None:
@@ -129,7 +130,7 @@ def register_export(sub) -> None:
     p.add_argument("store")
     p.add_argument("--out", "-o", required=True,
                    help="output prefix: writes PREFIX.npy (N x D) and PREFIX.csv (row, path, label, ...)")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=cmd_export, reads={"store": (STORE,)})
 
 
 def cmd_export(args) -> None:

@@ -15,7 +15,7 @@ import warnings
 
 from .. import __version__
 from ..errors import TlEmbedError
-from .options import check_out_folder
+from .options import check_kinds, check_out_folder
 
 EPILOG = "Run `tl-embed COMMAND --help` for a command's options. Docs: README.md."
 
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None, raise_errors: bool = False) -> int:
         return 2
     try:
         check_out_folder(getattr(args, "out", None))
+        check_kinds(args)
         return args.func(args) or 0
     except TlEmbedError as e:
         if raise_errors:

@@ -44,6 +44,22 @@ def add_runtime_option(p: argparse.ArgumentParser) -> None:
                         "'keras' (the reference), or 'auto' (openvino, falling back to keras with a notice)")
 
 
+def check_kinds(args: argparse.Namespace) -> None:
+    """Refuse arguments of the wrong tl_embed kind before any heavy import (TensorFlow takes seconds).
+
+    A command declares them with ``set_defaults(reads={"dest": (kinds...)}, writes=kind)``.
+    """
+    from ..kinds import require, require_output
+
+    for dest, kinds in getattr(args, "reads", {}).items():
+        values = getattr(args, dest, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None:
+                require(value, *kinds)
+    if getattr(args, "writes", None) and getattr(args, "out", None):
+        require_output(args.out, args.writes)
+
+
 def check_out_folder(out: str | None) -> None:
     """``--out`` is the thing a command writes; its folder must exist (a typo'd tree is never guessed).
 

@@ -8,6 +8,7 @@ import socket
 import sys
 
 from ..errors import TlEmbedError
+from ..kinds import HEAD, INDEX
 from .options import add_command, add_runtime_option, add_trust_pickle_option, fraction, positive_int
 
 
@@ -34,7 +35,7 @@ def register_serve(sub) -> None:
                    help="how long the first image of a batch waits for others")
     add_runtime_option(p)
     add_trust_pickle_option(p)
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, reads={"index": (INDEX,), "head": (HEAD,)})
 
 
 def cmd_serve(args) -> None:

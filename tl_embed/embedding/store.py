@@ -42,11 +42,12 @@ import numpy as np
 from .. import __version__
 from ..errors import StoreDamagedError, StoreError, StoreReadOnlyError
 from ..files import atomic_write, fsync_dir, try_lock, unlock
+from ..kinds import STORE, STORE_MANIFEST, require_output
 from .backbones import BackboneSpec
 
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16")
-MANIFEST = "manifest.sqlite"
+MANIFEST = STORE_MANIFEST
 CONSOLIDATE_BYTES = 256 * 2**20  # stores up to this size are kept as one shard (one memory map)
 TIER_FANOUT = 8  # larger stores merge 8 shards of a size tier into one
 CHUNK_BYTES = 64 * 2**20  # iter_chunks' default chunk
@@ -126,6 +127,7 @@ class EmbeddingStore:
         if dtype not in DTYPES:
             raise StoreError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         path = Path(path)
+        require_output(path, STORE)
         if (path / MANIFEST).exists():
             raise StoreError(f"{path} already holds a store")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):

@@ -36,13 +36,14 @@ import numpy as np
 from .. import __version__
 from ..errors import TlEmbedError
 from ..files import fsync_dir
+from ..kinds import EXPORT, EXPORT_MANIFEST, require_output
 from ..tf_quiet import import_tensorflow
 from .graph import Step
 from .head import Head
 
 FORMATS = {"keras": "model.keras", "savedmodel": "saved_model", "tflite": "model.tflite",
            "onnx": "model.onnx", "openvino": "model.xml"}  # format -> its model file (or folder) in DIR
-MANIFEST = "export.json"
+MANIFEST = EXPORT_MANIFEST
 EXPORT_FORMAT = "tl_embed.export/1"
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 ONNX_OPSET = 17
@@ -273,6 +274,7 @@ _WRITERS: dict[str, Callable[[Any, Path, int], None]] = {
 # ------------------------------------------------------------------ the export folder
 def _check_out(out: Path) -> None:
     """Refuse to write over anything but an empty folder or one of our own exports."""
+    require_output(out, EXPORT)
     if out.exists() and not out.is_dir():
         raise TlEmbedError(f"--out {out} is a file; export-model writes a folder")
     if out.is_dir() and any(out.iterdir()) and not is_export_dir(out):

@@ -24,16 +24,21 @@ import numpy as np
 
 from ..errors import TlEmbedError
 from ..files import atomic_write
+from ..kinds import HEAD, HEAD_META, kind_of, require_output
 from .graph import Step
 
 FORMAT = "tl_embed.head/2"
 PICKLE_FORMAT = "tl_embed.head/1"
-META = "head.json"
+META = HEAD_META
 MAX_META_BYTES = 64 << 20  # metrics + params; far below this in practice
 
 
 def write_model(path: Path, meta: dict[str, Any], steps: list[Step]) -> None:
-    """Write ``meta`` (JSON-ready) and ``steps`` atomically as one zip file."""
+    """Write ``meta`` (JSON-ready) and ``steps`` atomically as one zip file, never over another kind of file."""
+    require_output(path, HEAD)
+    if path.is_file() and kind_of(path) != HEAD and not _looks_pickled(path):
+        raise TlEmbedError(f"--out {path} is a file but not a tl_embed model file; choose another --out "
+                           "(only a model file is replaced)")
     described = []
     for i, step in enumerate(steps):
         arrays = {name: f"steps/{i}/{name}.npy" for name in step.arrays}

@@ -29,9 +29,10 @@ import numpy as np
 
 from ..errors import IndexDamagedError, TlEmbedError
 from ..files import atomic_write, try_lock, unlock
+from ..kinds import INDEX, INDEX_FILE, OLD_INDEX_FILES, require_output
 
-DATA_FILE, LOCK_FILE = "index.bin", ".lock"
-OLD_FILES = ("index.faiss", "meta.json")  # the format before index.bin: two files renamed separately
+DATA_FILE, LOCK_FILE = INDEX_FILE, ".lock"
+OLD_FILES = OLD_INDEX_FILES  # the format before index.bin: two files renamed separately
 FORMAT_VERSION = 2
 MAGIC = b"TLINDEX\n"
 PREFIX = struct.Struct("<8sI")  # magic, format version: the start of every version's header
@@ -275,6 +276,7 @@ def writer_lock(out: Path) -> Iterator[None]:
 
     A folder this call created is removed again if the build fails, so no empty "index" is left.
     """
+    require_output(out, INDEX)  # a store holds a .lock too: never take it for an index
     created = not out.exists()
     if not created and not (out.is_dir() and (holds_index(out) or (out / LOCK_FILE).exists()
                                                or not any(out.iterdir()))):
