@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -17,6 +18,8 @@ from tl_embed.heads.dense import _steps, _train
 from tl_embed.heads.fit import HEADS, fit_head
 from tl_embed.heads.graph import forward
 from tl_embed.heads.head import Head
+from tl_embed.heads.metrics import Metrics
+from tl_embed.heads.report import MARGIN, TITLE_SIZE, confusion_png, confusion_title, report_font
 from tl_embed.heads.search import sweep
 from tl_embed.heads.svm import PrimalLinearSVC
 from tl_embed.heads.training import choose_split, train_from_store
@@ -230,3 +233,71 @@ def test_keras_image_embedder_composes_with_sklearn(image_folder, tiny_model):
     pipe.fit(paths, labels)
     assert (pipe.predict(paths) == np.array(labels)).mean() > 0.9
     assert pipe[0].transform(paths[:2]).shape == (2, 3)
+
+
+def _confusion(classes: list[str]) -> Metrics:
+    n = len(classes)
+    cm = (np.eye(n, dtype=int) * 20 + np.roll(np.eye(n, dtype=int), 1, axis=1) * 3).tolist()
+    return Metrics(20 / 23, 20 / 23, 0.87, {}, cm, classes, 23 * n)
+
+
+@pytest.mark.parametrize("classes", [["cat", "dog"], [str(i) for i in range(5)],
+                                     [f"species {i:02d} with a long descriptive name" for i in range(50)]])
+def test_confusion_png_shows_its_whole_title_and_every_class(classes, tmp_path):
+    title = "tl-embed logreg head: classifier.tlh"
+    m = _confusion(classes)
+    confusion_png(m, tmp_path / "c.png", title)
+    img = Image.open(tmp_path / "c.png").convert("L")
+    font = report_font(TITLE_SIZE)
+    assert img.width >= 2 * MARGIN + max(font.getlength(line) for line in confusion_title(m, title))
+    assert img.width >= 400 and img.height >= len(classes) * 24
+    right_edge = img.crop((img.width - 3, 0, img.width, img.height))
+    assert right_edge.getextrema() == (255, 255)  # nothing runs off the canvas (clipped text would)
+    cells = np.asarray(img)[-MARGIN - 24 * len(classes):-MARGIN]
+    assert (cells < 200).any()  # the grid and its counts are drawn
+
+
+def test_confusion_png_wraps_a_title_too_long_for_the_matrix(tmp_path):
+    m = _confusion(["cat", "dog"])
+    short, long = tmp_path / "short.png", tmp_path / "long.png"
+    confusion_png(m, short, "evaluation of m.tlh")
+    confusion_png(m, long, "evaluation of " + "a-very-long-model-file-name-" * 8 + ".tlh")
+    wrapped, plain = Image.open(long).convert("L"), Image.open(short)
+    assert wrapped.width == plain.width and wrapped.height > plain.height  # more lines, not a wider or cut title
+    assert wrapped.crop((wrapped.width - 3, 0, wrapped.width, wrapped.height)).getextrema() == (255, 255)
+
+
+@pytest.mark.parametrize("split_store", [False, True])
+def test_evaluate_scores_held_out_rows_by_default_and_flags_training_rows(tmp_path, capsys, split_store):
+    """On its own store a head is scored on the rows it never saw; its training rows only when asked, and flagged."""
+    X, y = blobs(spread=4.0)  # overlapping classes: training rows score higher than held-out ones
+    store = tmp_path / "s.tle"
+    with EmbeddingStore.create(store, SPEC) as s:
+        splits = ["test" if split_store and i % 4 == 0 else ("train" if split_store else None) for i in range(len(y))]
+        rows = enumerate(zip(y, splits, strict=True))
+        s.add([ManifestRow(f"{c}/{i}.jpg", c, sp, "h", 1, 1, 1, 1) for i, (c, sp) in rows], X)
+    model = tmp_path / "m.tlh"
+    res = train_from_store(store, "logreg")
+    res.head.save(model)
+    n_held = len(y) - res.n_train
+    assert main(["evaluate", str(model), str(store), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert f"scored on the {n_held} labelled images held out from training" in out
+    assert f"accuracy {res.metrics.accuracy:.2%}" in out and f"({n_held} images)" in out  # what train reported
+    assert "held out from training" in (tmp_path / "ev.report.md").read_text()
+    if split_store:
+        assert main(["evaluate", str(model), str(store), "--split", "train"]) == 0
+        assert f"{res.n_train} of them trained the head, so this is NOT a held-out accuracy" in capsys.readouterr().out
+        assert main(["evaluate", str(model), str(store), "--split", "tset"]) == 2
+        err = capsys.readouterr().err
+        assert "has no split 'tset'; its splits are test (60 images), train (180 images)" in err
+    # the same rows in another store: nothing there trained the head, so every row is scored
+    other = make_store(tmp_path / "other.tle", X, y)
+    assert main(["evaluate", str(model), str(other)]) == 0
+    assert f"all {len(y)} labelled images (the head was trained on another store)" in capsys.readouterr().out
+    # the store changed since training: which rows the head saw is unknown, so nothing is guessed
+    with EmbeddingStore.open(store, "a") as s:
+        s.add([ManifestRow("c0/new.jpg", "c0", None, "h", 1, 1, 1, 1)], X[:1])
+    if not split_store:
+        assert main(["evaluate", str(model), str(store)]) == 2
+        assert "has changed since the head was trained on it" in capsys.readouterr().err

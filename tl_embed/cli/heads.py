@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..kinds import EXPORT, HEAD, STORE
 from .options import (
     add_command,
     add_runtime_option,
@@ -46,7 +47,7 @@ def register_train(sub) -> None:
                    help="held-out fraction when the store has no test/val split")
     p.add_argument("--cv", type=positive_int, default=3, help="cross-validation folds for hyper-parameters")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, reads={"store": (STORE,)}, writes=HEAD)
 
 
 def cmd_train(args) -> None:
@@ -92,7 +93,7 @@ def register_predict(sub) -> None:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     add_runtime_option(p)
     add_trust_pickle_option(p)
-    p.set_defaults(func=cmd_predict)
+    p.set_defaults(func=cmd_predict, reads={"model": (HEAD, EXPORT), "inputs": (STORE,)})
 
 
 def cmd_predict(args) -> None:
@@ -177,12 +178,14 @@ def register_evaluate(sub) -> None:
     p = add_command(sub, "evaluate", "report a head's accuracy on other labelled data (store or folder)")
     p.add_argument("model")
     p.add_argument("data", help="labelled store (.tle) or image folder (labels = sub-folders)")
-    p.add_argument("--split", default=None, help="only this split of a store (train/val/test)")
+    p.add_argument("--split", default=None,
+                   help="score this split of a store (train/val/test). Default: on the store the head was "
+                        "trained on, the rows held out from training; on any other data, every labelled image")
     p.add_argument("--out", default=None,
                    help="also write OUT.report.json/.md and OUT.confusion.png")
     add_runtime_option(p)
     add_trust_pickle_option(p)
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate, reads={"model": (HEAD,), "data": (STORE,)})
 
 
 def cmd_evaluate(args) -> None:
@@ -191,12 +194,12 @@ def cmd_evaluate(args) -> None:
     from ..heads.training import evaluate_head
 
     head = Head.load(args.model, args.trust_pickle)
-    m = evaluate_head(head, args.data, args.split, args.runtime)
-    print(f"{Path(args.model).name} on {args.data}:\n")
+    m, scored = evaluate_head(head, args.data, args.split, args.runtime)
+    print(f"{Path(args.model).name} on {args.data}, scored on {scored}:\n")
     print(metrics_text(m))
     if args.out:
         paths = write_report(m, Path(args.out), f"evaluation of {Path(args.model).name}",
-                             {"data": args.data, "backbone": head.spec.describe()})
+                             {"data": args.data, "scored on": scored, "backbone": head.spec.describe()})
         print("\nwrote " + ", ".join(map(str, paths)))
 
 
@@ -216,7 +219,7 @@ def register_export_model(sub) -> None:
                         "onnx (needs tl_embed[export]), openvino (IR, fp32)")
     p.add_argument("--out", "-o", required=True, help="folder to write")
     add_trust_pickle_option(p)
-    p.set_defaults(func=cmd_export_model)
+    p.set_defaults(func=cmd_export_model, reads={"model": (HEAD,)}, writes=EXPORT)
 
 
 def cmd_export_model(args) -> None:

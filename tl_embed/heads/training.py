@@ -5,6 +5,7 @@ Embedding new images goes through :mod:`tl_embed.embedding.query`; work from a s
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,8 @@ def train_from_store(store_path: str | os.PathLike, head: str = DEFAULT_HEAD,
         tr, te, how = choose_split(labels, splits, test_size, seed)
         X_tr, X_te = store.take(tr), store.take(te)  # only the labelled rows, chunk by chunk
         spec = store.spec
+        trained_on = {"store_uid": store.uid, "held_out_split": _held_split(how), "test_size": test_size,
+                      "seed": seed, "train_rows": _rows_digest(store.paths[tr])}
     if len(tr) == 0:
         raise TlEmbedError(f"store {store_path} has no labelled images (labels are sub-folder names)")
     fitted, info = fit_head(X_tr, labels[tr].astype(str), spec, head, class_weight, cv, seed,
@@ -82,26 +85,102 @@ def train_from_store(store_path: str | os.PathLike, head: str = DEFAULT_HEAD,
     if unseen:
         raise TlEmbedError(f"held-out images have class(es) absent from training: {', '.join(unseen)}")
     metrics = evaluate_predictions(labels[te].astype(str), fitted.predict(X_te), fitted.classes)
-    fitted.metrics = {"held_out": how, **metrics.to_dict(), **info, "n_train": int(len(tr))}
+    fitted.metrics = {"held_out": how, **metrics.to_dict(), **info, "n_train": int(len(tr)),
+                      "trained_on": trained_on}
     return TrainResult(fitted, metrics, how, int(len(tr)), info)
 
 
-def store_features(head: Head, store_path: str | os.PathLike,
-                   split: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(X, labels, paths) of a store, refusing one made by another backbone."""
+def _held_split(how: str) -> str | None:
+    """The store split a head was held out on ('test'/'val'), None for a stratified hold-out."""
+    return next((s for s in ("test", "val") if how == f"the store's '{s}' split"), None)
+
+
+def _rows_digest(paths: np.ndarray) -> str:
+    """A fingerprint of which rows trained a head: enough to recognise them later, not to list them."""
+    return hashlib.sha256("\n".join(sorted(map(str, paths))).encode()).hexdigest()
+
+
+def store_features(head: Head, store_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(X, labels, paths) of a whole store, refusing one made by another backbone."""
     with EmbeddingStore.open(store_path) as store:
         check_compatible(head.spec, store.spec, "the model")
-        keep = np.ones(len(store), dtype=bool) if split is None else (store.splits == split)
-        X = store.take(np.flatnonzero(keep))
-        return X, store.labels[keep], [str(store.absolute_path(p)) for p in store.paths[keep]]
+        return store.take(np.arange(len(store))), store.labels, [str(store.absolute_path(p)) for p in store.paths]
+
+
+def trained_rows(head: Head, store: EmbeddingStore) -> np.ndarray | None:
+    """Mask of the store rows ``head`` was trained on; all False for another store; None if unknown.
+
+    A head records its store's uid and how it held rows out; the rows are found again the same way and
+    checked against the recorded fingerprint, so a store changed since training is never guessed at.
+    """
+    trained = head.metrics.get("trained_on")
+    if not isinstance(trained, dict):
+        return None
+    if trained.get("store_uid") != store.uid:
+        return np.zeros(len(store), dtype=bool)
+    labels, splits = store.labels, store.splits
+    try:
+        if trained.get("held_out_split"):
+            tr = np.flatnonzero([lab is not None and s != trained["held_out_split"]
+                                 for lab, s in zip(labels, splits, strict=True)])
+        else:
+            tr, _, _ = choose_split(labels, splits, float(trained["test_size"]), int(trained["seed"]))
+    except (TlEmbedError, KeyError, TypeError, ValueError):
+        return None
+    if _rows_digest(store.paths[tr]) != trained.get("train_rows"):
+        return None
+    mask = np.zeros(len(store), dtype=bool)
+    mask[tr] = True
+    return mask
+
+
+def _store_rows(head: Head, store_path: str | os.PathLike,
+                split: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(X, labels, which rows) to score: by default the rows the head never saw, never its training rows."""
+    with EmbeddingStore.open(store_path) as store:
+        check_compatible(head.spec, store.spec, "the model")
+        labels, splits = store.labels, store.splits
+        labelled = np.array([lab is not None for lab in labels], dtype=bool)
+        seen = trained_rows(head, store)
+        if split is not None:
+            counts = {s: int((splits == s).sum()) for s in sorted({s for s in splits if s})}
+            if split not in counts:
+                have = ", ".join(f"{s} ({n} images)" for s, n in counts.items())
+                raise TlEmbedError(f"store {store_path} has no split {split!r}; "
+                                   + (f"its splits are {have}" if have else "it has no splits: leave out --split"))
+            keep = labelled & (splits == split)
+            what = f"the store's '{split}' split ({int(keep.sum())} labelled images)"
+            if seen is not None and (seen & keep).any():
+                what += (f"; {int((seen & keep).sum())} of them trained the head, so this is NOT a held-out "
+                         "accuracy")
+        elif seen is None:
+            if isinstance(head.metrics.get("trained_on"), dict):
+                raise TlEmbedError(f"store {store_path} has changed since the head was trained on it, so which of "
+                                   "its rows the head saw is unknown: choose rows with --split NAME")
+            keep = labelled
+            what = (f"all {int(keep.sum())} labelled images (this model file does not record which rows trained "
+                    "it; if they came from this store, the accuracy includes them)")
+        elif seen.any():
+            keep = labelled & ~seen
+            what = f"the {int(keep.sum())} labelled images held out from training, {head.metrics.get('held_out')}"
+        else:
+            keep = labelled
+            what = f"all {int(keep.sum())} labelled images (the head was trained on another store)"
+        return store.take(np.flatnonzero(keep)), labels[keep], what
 
 
 def evaluate_head(head: Head, target: str | os.PathLike, split: str | None = None,
-                  runtime: str = "auto") -> Metrics:
-    """Metrics of ``head`` on a labelled store or a labelled image folder."""
+                  runtime: str = "auto") -> tuple[Metrics, str]:
+    """Metrics of ``head`` on a labelled store or a labelled image folder, and which rows were scored.
+
+    On the store a head was trained on, the default is the rows it was held out on; rows it was trained
+    on are scored only when asked for by ``split``, and then said so.
+    """
     if is_store(target):
-        X, labels, _ = store_features(head, target, split)
+        X, labels, what = _store_rows(head, target, split)
     else:
+        if split is not None:
+            raise TlEmbedError("--split applies to a store; an image folder is scored whole")
         from ..embedding.scan import label_and_split
 
         emb = embed_for(head.spec, [target], runtime)
@@ -109,6 +188,7 @@ def evaluate_head(head: Head, target: str | os.PathLike, split: str | None = Non
         X = emb.vectors
         labels = np.array([label_and_split(p.relative_to(root).as_posix())[0] for p in emb.paths],
                           dtype=object)
+        what = f"the labelled images in {target}"
     keep = np.array([lab is not None for lab in labels], dtype=bool)
     if not keep.any():
         raise TlEmbedError(f"{target} has no labelled images (labels are sub-folder names)")
@@ -116,4 +196,4 @@ def evaluate_head(head: Head, target: str | os.PathLike, split: str | None = Non
     unknown = sorted(set(y) - set(head.classes))
     if unknown:
         raise TlEmbedError(f"{target} has classes the model was not trained on: {', '.join(unknown)}")
-    return evaluate_predictions(y, head.predict(X[keep]), head.classes)
+    return evaluate_predictions(y, head.predict(X[keep]), head.classes), what
