@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from tl_embed.embedding.store import EmbeddingStore, ManifestRow
 from tl_embed.errors import TlEmbedError
 from tl_embed.search.choose import Choice, choose
 from tl_embed.search.dedup import find_duplicates
-from tl_embed.search.index import Index, choose_factory
+from tl_embed.search.index import Index, choose_factory, without_self
+from tl_embed.search.sheet import breakable, shown_path
 
 DIM = 32
 SPEC = BackboneSpec("synthetic", "random", "random", 32, "none", "avg", DIM)
@@ -119,7 +121,8 @@ def test_cli_index_search_formats(tmp_path, image_folder, tiny_model, capsys):
     query = image_folder / "red" / "red_002.jpg"
     assert main(["search", str(tmp_path / "i.tli"), str(query), "-k", "3", "--format", "json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res[0]["neighbours"][0]["path"] == str(query.resolve())
+    assert [n["rank"] for n in res[0]["neighbours"]] == [1, 2, 3]
+    assert str(query.resolve()) not in [n["path"] for n in res[0]["neighbours"]]  # a stored query is left out
     assert all("/red/" in n["path"] for n in res[0]["neighbours"])
     fresh = tmp_path / "q.png"  # not in the store: embedded with the recorded backbone
     Image.open(query).save(fresh)
@@ -144,3 +147,58 @@ def test_describe_warns_when_compression_misses_the_target(tmp_path):
     assert reranked.meta["recall_at_10"] >= 0.99 and "WARNING" not in reranked.describe()
     exact = Index.build(store, tmp_path / "flat.tli", "flat", log=lambda *_: None)
     assert "WARNING" not in exact.describe()
+
+
+def test_a_stored_query_is_not_its_own_neighbour_and_k_others_are_returned(tmp_path):
+    x = clustered(300)
+    idx = Index.build(make_store(tmp_path / "s.tle", x), tmp_path / "i.tli", log=lambda *_: None)
+    query = str(tmp_path / "img00012.jpg")
+    (_, with_self), = idx.search([query], k=6)
+    assert with_self[0].path == query  # by default a stored image finds itself first
+    (_, hits), = idx.search([query], k=5, exclude_self=True)
+    assert [h.rank for h in hits] == [1, 2, 3, 4, 5] and query not in [h.path for h in hits]
+    assert [(h.id, h.path) for h in hits] == [(h.id, h.path) for h in with_self[1:]]
+    own = int(idx.ids[12])
+    assert [h.id for h in idx.search_vectors(x[12], 5, exclude=[own])[0]] == [h.id for h in hits]
+    assert idx.search_vectors(x[12], 5, exclude=[None])[0][0].id == own  # None: nothing left out
+    assert without_self([(3, 1.0), (7, 0.9), (5, 0.8)], 3, 1) == [(7, 0.9)]
+    assert without_self([(3, 1.0), (7, 0.9)], None) == [(3, 1.0), (7, 0.9)]
+
+
+def test_cli_search_leaves_a_stored_query_out_in_every_format(tmp_path, capsys):
+    x = clustered(80)
+    names = [f"{'cats' if i % 2 else 'dogs'}/img{i:05d}.jpg" for i in range(80)]
+    index = str(tmp_path / "i.tli")
+    Index.build(make_store(tmp_path / "s.tle", x, names), index, log=lambda *_: None)
+    query = tmp_path / "cats" / "img00007.jpg"
+    (_, hits), = Index.open(index).search([str(query)], k=5)
+    expected = [h.path for h in hits[1:]]  # what an exact search lists after the query itself
+    capsys.readouterr()
+
+    assert main(["search", index, str(query), "-k", "4", "--format", "json"]) == 0
+    assert [n["path"] for n in json.loads(capsys.readouterr().out)[0]["neighbours"]] == expected
+    assert main(["search", index, str(query), "-k", "4", "--format", "csv"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == "query,rank,path,similarity" and [r.split(",")[2] for r in rows[1:]] == expected
+    assert main(["search", index, str(query), "-k", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"query {query}" and [line.split()[-1] for line in lines[1:]] == expected
+
+    sheet = tmp_path / "sheet.html"
+    assert main(["search", index, str(query), "-k", "4", "--format", "html", "--out", str(sheet)]) == 0
+    page = sheet.read_text()
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", page)
+    shown = [re.sub(r"<b>.*?</b> ", "", c) for c in captions]
+    relative = [p.removeprefix(str(tmp_path) + "/").replace("/", "/<wbr>") for p in expected]
+    assert shown == ["cats/<wbr>img00007.jpg", *relative]  # the query once, then 4 others, relative to the root
+    assert "break-all" not in page  # captions wrap at '/', not inside a name
+
+
+def test_sheet_paths_are_relative_inside_the_root_and_absolute_outside(tmp_path):
+    root = tmp_path / "images"
+    assert shown_path(root / "cats" / "a.jpg", root) == "cats/a.jpg"
+    assert shown_path(tmp_path / "elsewhere" / "b.jpg", root) == str(tmp_path / "elsewhere" / "b.jpg")
+    assert shown_path(tmp_path / "c.jpg", None) == str(tmp_path / "c.jpg")
+    (tmp_path / "link").symlink_to(root, target_is_directory=True)
+    assert shown_path(tmp_path / "link" / "d.jpg", root) == "d.jpg"  # reached through a link to the root
+    assert breakable("a<b/c d/e.jpg") == "a&lt;b/<wbr>c d/<wbr>e.jpg"

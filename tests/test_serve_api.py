@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import struct
 import threading
 import zlib
@@ -145,6 +146,21 @@ def test_page_docs_and_static_assets_need_no_internet(client):
     assert set(spec["paths"]["/search"]["post"]["requestBody"]["content"]) == {"multipart/form-data",
                                                                               "application/json"}
 
+
+
+def test_favicon_is_served(client):
+    r = client.get("/favicon.ico")  # browsers ask for it whatever the page links
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml") and b"<svg" in r.content
+    icon = re.search(r'<link rel="icon" href="([^"]+)"', client.get("/").text)
+    assert icon and client.get(icon.group(1)).content == r.content
+
+
+def test_a_stored_query_filtered_by_its_own_label_leaves_itself_out(client, service):
+    cat = service.catalog
+    ident, label = int(cat.ids[0]), cat.labels[0]
+    found = client.post("/search", json={"id": ident, "label": label, "k": 3}).json()["neighbours"]
+    assert len(found) == 3 and ident not in [h["id"] for h in found]  # the other 3 of its label
+    assert {h["label"] for h in found} == {label}
 
 # ------------------------------------------------------------------ bad input
 def _png_claiming(width: int, height: int) -> bytes:
@@ -299,3 +315,20 @@ def test_the_service_never_writes_to_the_store(served, tmp_path):
         c.post("/search", json={"path": "red/red_000.jpg"})
         c.get("/images/1?size=64")
     assert snapshot() == before
+
+
+def test_a_head_of_another_backbone_is_named_the_right_way_round(served, tmp_path):
+    """The head's backbone is what the head was made with; the index's is what the service uses."""
+    from dataclasses import replace
+
+    from tl_embed.errors import TlEmbedError
+    from tl_embed.heads.head import Head
+
+    head = Head.load(served.head)
+    head.spec = replace(head.spec, weights_sha256="random")
+    head.save(tmp_path / "random.tlh")
+    index_spec = Head.load(served.head).spec
+    with pytest.raises(TlEmbedError) as e:
+        load_service(served.index, [str(tmp_path / "random.tlh")])
+    made, uses = str(e.value).split(" was made with ")[1].split(", but this uses ")
+    assert made.startswith(head.spec.describe()) and uses.startswith(index_spec.describe())

@@ -84,6 +84,31 @@ def test_upload_see_neighbours_click_one(server, browser, tmp_path):
     assert errors == []
 
 
+NO_BROKEN_IMAGES = """() => [...document.images].filter((i) =>
+  (i.checkVisibility() || i.getAttribute("src")) && !(i.complete && i.naturalWidth > 0)).map((i) => i.id || i.src)"""
+
+
+def test_page_before_any_query_shows_no_empty_query_and_formats_recall(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1000, "height": 800})
+    failed: list[str] = []
+    page.on("response", lambda r: failed.append(f"{r.url}: {r.status}") if r.status >= 400 else None)
+    page.goto(server)
+    expect(page.locator("#info")).to_contain_text("recall@10 1.000")  # three decimals, not "1"
+    for hidden in ("#query", "#query-title", "#query-img", "#query-caption"):
+        expect(page.locator(hidden)).to_be_hidden()
+    assert page.evaluate("getComputedStyle(document.getElementById('query')).display") == "none"
+    assert page.evaluate(NO_BROKEN_IMAGES) == []  # nothing shown as a broken-image icon
+    icon = page.evaluate("document.querySelector('link[rel=icon]').href")
+    assert page.request.get(icon).ok and page.request.get(f"{server}/favicon.ico").ok
+    page.fill("#k", "3")
+    page.set_input_files("#file", str(make_image(tmp_path / "q.jpg", COLORS["blue"], 8)))
+    expect(page.locator("#query")).to_be_visible()
+    expect(page.locator("#query-title")).to_be_visible()
+    expect(page.locator("#results button")).to_have_count(3)
+    page.wait_for_function("[...document.images].every((i) => i.complete && i.naturalWidth > 0)")
+    assert page.evaluate(NO_BROKEN_IMAGES) == []
+    assert failed == []
+
 def test_readable_at_phone_width_and_errors_shown(server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 360, "height": 740})
     page.goto(server)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def cmd_predict(args) -> None:
         label = preds[0][0] if preds[0][1] >= args.min_confidence else "unknown"
         rows.append({"path": path, "label": label, "confidence": preds[0][1],
                      "top": [{"label": c, "probability": round(p, 4)} for c, p in preds]})
-    _print_rows(rows, args.format, k)
+    _print_rows(rows, args.format, k, _display_base(args.inputs))
     for path, reason in failed:
         print(f"tl-embed: skipped {path}: {reason}", file=sys.stderr)
 
@@ -155,7 +156,24 @@ def _predict_exported(args) -> tuple[list[str], np.ndarray, list[str], list]:
     return model.classes, proba, [str(p) for p in out.paths], out.failed
 
 
-def _print_rows(rows: list[dict], fmt: str, k: int) -> None:
+def _display_base(inputs: list[str]) -> str:
+    """The folder a table's paths are shown relative to: the common folder of what was given (a store's
+    image root for a store), so the table shows ``cats/01.jpg``, not a long absolute path."""
+    from ..embedding.store import EmbeddingStore
+    from ..heads.training import is_store
+
+    if len(inputs) == 1 and is_store(inputs[0]):
+        with EmbeddingStore.open(inputs[0]) as store:
+            return str(store.root)
+    folders = [os.path.abspath(i if os.path.isdir(i) else os.path.dirname(i) or ".") for i in inputs]
+    return os.path.commonpath(folders)
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def _print_rows(rows: list[dict], fmt: str, k: int, base: str) -> None:
     if fmt == "json":
         print(json.dumps(rows, indent=2))
     elif fmt == "csv":
@@ -168,10 +186,18 @@ def _print_rows(rows: list[dict], fmt: str, k: int) -> None:
             w.writerow([r["path"], r["label"], f"{r['confidence']:.4f}"] +
                        [v for t in r["top"] for v in (t["label"], t["probability"])])
     else:
-        width = min(60, max([len(r["path"]) for r in rows] + [4]))
-        for r in rows:
-            tops = "  ".join(f"{t['label']} {t['probability']:.2f}" for t in r["top"])
-            print(f"{r['path'][-width:]:<{width}}  {r['label']:<14} {tops}")
+        shown = [os.path.relpath(os.path.abspath(r["path"]), base) for r in rows]
+        shown = [p if not p.startswith("..") else r["path"] for p, r in zip(shown, rows, strict=True)]
+        width = min(60, max([len(p) for p in shown] + [5]))
+        label_width = min(30, max([len(r["label"]) for r in rows] + [5]))
+        others = ["2nd", "3rd", *[f"{i}th" for i in range(4, k + 1)]][: k - 1]
+        print(f"{'image':<{width}}  {'label':<{label_width}}  {'p':>4}" + "".join(f"  {o:<{label_width + 5}}"
+                                                                           for o in others).rstrip())
+        for path, r in zip(shown, rows, strict=True):
+            also = [f"{_shorten(t['label'], label_width)} {t['probability']:.2f}" for t in r["top"][1:]]
+            rest = "".join(f"  {a:<{label_width + 5}}" for a in also)
+            print(f"{_shorten(path, width):<{width}}  {_shorten(r['label'], label_width):<{label_width}}  "
+                  f"{r['confidence']:>4.2f}{rest}".rstrip())
 
 
 def register_evaluate(sub) -> None:

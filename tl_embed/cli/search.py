@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..kinds import INDEX, STORE
 from .options import add_command, add_runtime_option, fraction, positive_int
 
 
@@ -36,7 +37,7 @@ def register_index(sub) -> None:
                    help="approximate indexes: smallest nprobe/efSearch reaching this recall@10")
     p.add_argument("--no-rerank", dest="rerank", action="store_const", const=False, default=None,
                    help="lossy codes (SQ8, PQ): do not re-rank the shortlist with the store's vectors")
-    p.set_defaults(func=cmd_index)
+    p.set_defaults(func=cmd_index, reads={"store": (STORE,)}, writes=INDEX)
 
 
 def memory_size(text: str) -> float:
@@ -73,7 +74,7 @@ def register_search(sub) -> None:
     p.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
     p.add_argument("--out", default="search.html", help="with --format html: the page to write")
     add_runtime_option(p)
-    p.set_defaults(func=cmd_search)
+    p.set_defaults(func=cmd_search, reads={"index": (INDEX,)})
 
 
 def cmd_search(args) -> None:
@@ -84,13 +85,14 @@ def cmd_search(args) -> None:
     queries = expand_inputs(args.queries) if any(Path(q).is_dir() for q in args.queries) else args.queries
     if args.limit and len(queries) > args.limit:
         queries = [queries[round(i)] for i in np.linspace(0, len(queries) - 1, args.limit)]
-    results = idx.search(queries, args.k, args.runtime)
+    results = idx.search(queries, args.k, args.runtime, exclude_self=True)
     score = "similarity" if idx.meta["metric"] == "cosine" else "distance"
     if args.format == "html":
         from ..search.sheet import contact_sheet
 
         contact_sheet([(Path(q), [(h.rank, h.path, h.score) for h in hits]) for q, hits in results],
-                      Path(args.out), f"tl-embed search: {Path(args.index).name}")
+                      Path(args.out), f"tl-embed search: {Path(args.index).name}",
+                      Path(idx.meta["root"]) if idx.meta["root"] else None)
         print(f"wrote {args.out} ({len(results)} queries, open it in a browser)")
     elif args.format == "json":
         print(json.dumps([{"query": q, "neighbours": [{"rank": h.rank, "path": h.path, score: h.score}
@@ -127,7 +129,7 @@ def register_dedup(sub) -> None:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--out", default=None, help="write the report to this file instead of printing it")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_dedup)
+    p.set_defaults(func=cmd_dedup, reads={"store": (STORE,)})
 
 
 def cmd_dedup(args) -> None:

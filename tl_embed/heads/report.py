@@ -48,12 +48,14 @@ def metrics_markdown(m: Metrics, title: str, details: dict[str, Any]) -> str:
 
 
 MARGIN = 16
-MIN_WIDTH = 420  # px: a 2-class matrix still has room for its title and a readable grid
+MIN_WIDTH = 560  # px: a 2-class matrix still reads as a figure, with room for its heading
 LABEL_MAX = 170  # px: longer class names are cut with an ellipsis
 TITLE_SIZE, TEXT_SIZE = 16, 13
+Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+Ink = str | tuple[int, int, int]
 
 
-def report_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def report_font(size: int) -> Font:
     """Pillow's bundled scalable font; Pillow < 10.1 only has the small bitmap one."""
     try:
         return ImageFont.load_default(size)
@@ -83,7 +85,7 @@ def confusion_image(m: Metrics, title: str = "Confusion matrix") -> Image.Image:
     cm = np.asarray(m.confusion, dtype=int)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(m.classes)
-    cell = int(np.clip(640 // max(n, 1), 24, 64))
+    cell = int(np.clip(640 // n, 24, 64))
     head_font, font = report_font(TITLE_SIZE), report_font(TEXT_SIZE)
     count_font = _fitting_font(str(cm.max(initial=0)), cell - 6, min(TEXT_SIZE + 1, cell // 2))
     names = [_shorten(c, font, LABEL_MAX) for c in m.classes]
@@ -127,14 +129,14 @@ def confusion_image(m: Metrics, title: str = "Confusion matrix") -> Image.Image:
     return img
 
 
-def _fitting_font(widest: str, room: int, size: int):
+def _fitting_font(widest: str, room: int, size: int) -> Font:
     """The largest font (at most ``size``) in which ``widest`` fits in ``room`` px (counts in small cells)."""
     while size > 7 and report_font(size).getlength(widest) > room:
         size -= 1
     return report_font(size)
 
 
-def _shorten(text: str, font, room: int) -> str:
+def _shorten(text: str, font: Font, room: int) -> str:
     """``text``, cut and ended with an ellipsis when wider than ``room`` px."""
     if font.getlength(text) <= room:
         return text
@@ -143,7 +145,7 @@ def _shorten(text: str, font, room: int) -> str:
     return text.rstrip() + "\u2026"
 
 
-def _wrap(text: str, font, room: int) -> list[str]:
+def _wrap(text: str, font: Font, room: int) -> list[str]:
     """``text`` in lines at most ``room`` px wide, broken between words (inside a word only if it must)."""
     lines: list[str] = []
     for word in text.split():
@@ -160,13 +162,13 @@ def _wrap(text: str, font, room: int) -> list[str]:
     return lines or [""]
 
 
-def _centred(draw: ImageDraw.ImageDraw, centre: tuple[float, float], text: str, font, fill) -> None:
+def _centred(draw: ImageDraw.ImageDraw, centre: tuple[float, float], text: str, font: Font, fill: Ink) -> None:
     """Draw ``text`` centred on ``centre`` (measured, so it works with the bitmap font too)."""
     x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
     draw.text((centre[0] - (x0 + x1) / 2, centre[1] - (y0 + y1) / 2), text, fill=fill, font=font)
 
 
-def _text_image(text: str, font, fill) -> Image.Image:
+def _text_image(text: str, font: Font, fill: Ink) -> Image.Image:
     """``text`` alone on a white image, tightly cropped, to be rotated."""
     x0, y0, x1, y1 = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
     img = Image.new("RGB", (x1 - min(x0, 0) + 2, y1 - min(y0, 0) + 2), "white")

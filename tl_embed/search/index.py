@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ TARGET_RECALL = 0.95
 RERANK_BLOCK = 64  # queries re-ranked together (their shortlists' vectors in RAM at once)
 
 __all__ = ["DATA_FILE", "HEADER", "MAGIC", "Index", "SearchHit", "choose_factory", "load_faiss",
-           "prepare_vectors"]
+           "prepare_vectors", "without_self"]
 
 
 def choose_factory(n: int, dim: int, kind: str = "auto", max_memory: float | None = None) -> str:
@@ -309,37 +310,56 @@ class Index:
         with faiss_errors(f"search the {self.meta['factory']} index {self.path}"):
             return self._search(q, k)
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[SearchHit]]:
-        """Neighbours of already-embedded query vectors (same backbone as the index)."""
-        scores, ids = self.search_scored(vectors, k)
-        rows = self.table.position(ids.ravel()).reshape(ids.shape)
-        return [[SearchHit(r + 1, self.table.absolute(self.table.relative(int(row))), float(s), int(i))
-                 for r, (s, i, row) in enumerate(zip(srow, irow, prow, strict=True)) if i >= 0 and row >= 0]
-                for srow, irow, prow in zip(scores, ids, rows, strict=True)]
+    def search_vectors(self, vectors: np.ndarray, k: int = 10,
+                       exclude: Sequence[int | None] | None = None) -> list[list[SearchHit]]:
+        """Neighbours of already-embedded query vectors (same backbone as the index).
 
-    def search(self, queries, k: int = 10, runtime: str = "auto") -> list[tuple[str, list[SearchHit]]]:
+        ``exclude``: per query, the store id of its own image (None for none), left out of its hits by
+        :func:`without_self`; one more neighbour is fetched, so k others are still returned.
+        """
+        vectors = np.atleast_2d(vectors)
+        own = [None] * len(vectors) if exclude is None else list(exclude)
+        scores, ids = self.search_scored(vectors, k + 1 if any(i is not None for i in own) else k)
+        rows = self.table.position(ids.ravel()).reshape(ids.shape)
+        hits = []
+        for srow, irow, prow, skip in zip(scores, ids, rows, own, strict=True):
+            row_of = {int(i): int(row) for i, row in zip(irow, prow, strict=True) if i >= 0 and row >= 0}
+            found = [(int(i), float(s)) for s, i in zip(srow, irow, strict=True) if int(i) in row_of]
+            hits.append([SearchHit(r, self.table.absolute(self.table.relative(row_of[i])), s, i)
+                         for r, (i, s) in enumerate(without_self(found, skip, k), 1)])
+        return hits
+
+    def search(self, queries, k: int = 10, runtime: str = "auto",
+               exclude_self: bool = False) -> list[tuple[str, list[SearchHit]]]:
         """Neighbours of image files/folders, of images already in the store, or of vectors.
 
-        Returns (query, hits) pairs; files that cannot be decoded are left out.
+        Returns (query, hits) pairs; files that cannot be decoded are left out.  With ``exclude_self``
+        a query that is a stored image is not listed as its own neighbour (k others are).
         """
         if isinstance(queries, np.ndarray):
             return list(zip([f"vector {i}" for i in range(len(queries))],
                             self.search_vectors(queries, k), strict=True))
         stored, to_embed = self._stored_vectors([str(q) for q in queries])
         labels = list(stored)
-        vectors = [stored[q] for q in labels]
+        own = [stored[q][0] if exclude_self else None for q in labels]
+        vectors = [stored[q][1] for q in labels]
+        failed: list = []
         if to_embed:
             from ..embedding.query import embed_for
 
             emb = embed_for(self.spec, to_embed, runtime)
             labels += [str(p) for p in emb.paths]
+            own += [None] * len(emb.paths)
             vectors += list(emb.vectors)
+            failed = emb.failed
         if not vectors:
-            raise TlEmbedError("no readable query images")
-        return list(zip(labels, self.search_vectors(np.stack(vectors), k), strict=True))
+            why = "; ".join(f"{p}: {reason}" for p, reason in failed[:3]) or "no image files among them"
+            raise TlEmbedError(f"no readable query images ({why}{'; ...' if len(failed) > 3 else ''}); "
+                               "give image files (JPEG, PNG, WebP, ...) or folders of them")
+        return list(zip(labels, self.search_vectors(np.stack(vectors), k, own), strict=True))
 
-    def _stored_vectors(self, queries: list[str]) -> tuple[dict[str, np.ndarray], list[str]]:
-        """Split queries into images the store already holds (vectors reused) and files to embed."""
+    def _stored_vectors(self, queries: list[str]) -> tuple[dict[str, tuple[int, np.ndarray]], list[str]]:
+        """Split queries into images the store already holds (their id and reused vector) and files to embed."""
         root = Path(self.meta["root"]) if self.meta["root"] else None
         found = {}
         for q in queries:
@@ -360,7 +380,8 @@ class Index:
             pos = lookup(ids, np.argsort(ids, kind="stable"), np.fromiter(found.values(), np.int64))
             vectors = store.take(pos[pos >= 0])
         held = [q for q, p in zip(found, pos, strict=True) if p >= 0]
-        return dict(zip(held, vectors, strict=True)), rest + [q for q, p in zip(found, pos, strict=True) if p < 0]
+        return ({q: (found[q], v) for q, v in zip(held, vectors, strict=True)},
+                rest + [q for q, p in zip(found, pos, strict=True) if p < 0])
 
     # --------------------------------------------------------------- report
     def describe(self) -> str:
@@ -373,6 +394,15 @@ class Index:
                 f"recall@10 {m['recall_at_10']:.3f} vs exact on {m['recall_queries']} {how} queries, "
                 f"{m['memory_bytes'] / 1e6:.1f} MB, {m['latency_ms']:.2f} ms per single query{qps}; "
                 f"built in {m['build_seconds']:.1f} s" + _notes(m, len(self)))
+
+
+def without_self(found: list[tuple[int, float]], own: int | None, k: int | None = None) -> list[tuple[int, float]]:
+    """The first ``k`` (default all) of ``found``, (store id, score) pairs best first, without ``own``.
+
+    A stored image queried as itself is its own nearest neighbour, which tells nothing: ``tl-embed
+    search`` and the service leave it out this way, and fetch one more than they show.
+    """
+    return [(i, s) for i, s in found if i != own][:k]
 
 
 def _notes(meta: dict, n: int) -> str:

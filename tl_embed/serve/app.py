@@ -31,6 +31,7 @@ from ..embedding.images import ImageDecodeError, decode_bytes
 from ..embedding.runtime import Runtime
 from ..errors import TlEmbedError
 from ..heads.head import Head
+from ..search.index import without_self
 from .batching import Batcher
 from .catalog import MAX_K, THUMBNAIL_MAX, Catalog, NotFound
 from .guard import BodyTooLarge, Guard
@@ -80,7 +81,7 @@ def load_service(index: str | os.PathLike, heads: list[str] = (), runtime: str =
     loaded = []
     for path in heads:
         head = Head.load(path, trust_pickle)
-        check_compatible(catalog.index.spec, head.spec, f"head {path}")
+        check_compatible(head.spec, catalog.index.spec, f"head {path}")
         loaded.append((Path(path).stem, head))
     return Service(catalog, runtime_for(catalog.index.spec, runtime), loaded, min_confidence, max_batch, max_wait)
 
@@ -193,7 +194,7 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
             found = await asyncio.wrap_future(service.searcher.submit(q.vector))
         else:
             found = await to_thread.run_sync(catalog.labelled, q.vector, q.label, q.k + 1)
-        hits = catalog.neighbours(found, q.k, q.exclude)
+        hits = catalog.neighbours(without_self(found, q.exclude), q.k)
         return {"query": q.source, "metric": catalog.metric, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
                 "neighbours": [{"rank": r, "id": h.id, "path": h.path, "label": h.label, score_name: round(h.score, 6),
                                 "image": f"/images/{h.id}", "thumbnail": f"/images/{h.id}?size=256"}
@@ -252,6 +253,12 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        """The page links its SVG icon, but browsers and tools also ask here: the same icon, not a 404."""
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml",
+                            headers={"cache-control": "public, max-age=86400"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return Guard(app, token, max_upload)

@@ -134,9 +134,9 @@ class Catalog:
             order = np.argsort(scores)[:fetch]
         return [(int(self.ids[rows[o]]), float(scores[o])) for o in order]
 
-    def neighbours(self, found: list[tuple[int, float]], k: int, exclude: int | None = None) -> list[Neighbour]:
-        """The first ``k`` of ``found`` (best first) as neighbours, without ``exclude`` (the query itself)."""
-        kept = [(i, s) for i, s in found if i != exclude and i in self.position][:k]
+    def neighbours(self, found: list[tuple[int, float]], k: int) -> list[Neighbour]:
+        """The first ``k`` of ``found`` (best first) that this catalog holds, as neighbours."""
+        kept = [(i, s) for i, s in found if i in self.position][:k]
         return [Neighbour(i, self.paths[self.position[i]], self.labels[self.position[i]], s) for i, s in kept]
 
     # --------------------------------------------------------------- images

@@ -27,7 +27,7 @@ async function start() {
     const info = await api("/info");
     metric = info.index.metric;
     hasHeads = info.heads.length > 0;
-    const recall = info.index.recall_at_10 == null ? "" : `, recall@10 ${info.index.recall_at_10}`;
+    const recall = info.index.recall_at_10 == null ? "" : `, recall@10 ${info.index.recall_at_10.toFixed(3)}`;
     $("info").textContent = `${info.store.images} images · ${info.backbone} · ${info.index.type}${recall}` +
       (hasHeads ? ` · heads: ${info.heads.map((h) => h.name).join(", ")}` : "");
     for (const label of Object.keys(info.store.labels).sort()) {
