@@ -54,3 +54,25 @@ def test_bad_value_in_a_subprocess_has_no_traceback(tmp_path):
 ])
 def test_export_keeps_a_dotted_prefix(out, npy, csv):
     assert tuple(map(str, export_paths(out))) == (npy, csv)
+
+
+def test_counted_nouns_agree_with_their_number():
+    from tl_embed.wording import count
+
+    assert [count(n, "query") for n in (0, 1, 2)] == ["0 queries", "1 query", "2 queries"]
+    assert count(1, "group") == "1 group" and count(3, "image") == "3 images"
+
+
+def test_help_shows_only_defaults_worth_showing(capsys):
+    """No '(default: None)' on a required --out, no second default where the help states one."""
+    from tl_embed.cli.main import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, parser in commands.items():
+        text = parser.format_help()
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+        for action in parser._actions:
+            if action.help and "default" in action.help:
+                assert parser._get_formatter()._get_help_string(action) == action.help, (name, action.dest)
+    model = next(a for a in commands["embed"]._actions if a.dest == "model")
+    assert "(default: %(default)s)" in commands["embed"]._get_formatter()._get_help_string(model)  # real ones stay

@@ -10,6 +10,7 @@ from tl_embed.embedding.backbones import BackboneSpec
 from tl_embed.embedding.store import EmbeddingStore, ManifestRow
 from tl_embed.search import dedup
 from tl_embed.search.dedup import find_duplicates
+from tl_embed.wording import count
 
 
 def make_store(path, vectors):
@@ -116,7 +117,8 @@ def test_cli_report_formats_are_unchanged(tmp_path, capsys):
     assert main(["dedup", store, "--threshold", "0.99", "--mode", "ann", "-k", "5", "-q"]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
-    assert lines[0] == f"{len(groups)} group(s) of near-duplicates (cosine >= 0.99), {sum(map(len, groups))} images"
+    groups_text = count(len(groups), "group")
+    assert lines[0] == f"{groups_text} of near-duplicates (cosine >= 0.99), {sum(map(len, groups))} images"
     assert lines[1] == "group 1 (7 images)"
     first = lines[2].split("  ")
     assert first[0] == "" and 0.99 <= float(first[1]) <= 1 and first[2] == str(tmp_path / f"img{groups[0][0]:06d}.jpg")
@@ -126,7 +128,7 @@ def test_cli_report_formats_are_unchanged(tmp_path, capsys):
     assert [len(g) for g in report] == [len(g) for g in groups] and set(report[0][0]) == {"path", "similarity"}
     out_file = tmp_path / "d.csv"
     assert main(["dedup", store, "--threshold", "0.99", "--format", "csv", "--out", str(out_file), "-q"]) == 0
-    assert capsys.readouterr().out == f"{len(groups)} group(s) of near-duplicates (cosine >= 0.99); wrote {out_file}\n"
+    assert capsys.readouterr().out == f"{groups_text} of near-duplicates (cosine >= 0.99); wrote {out_file}\n"
     csv_lines = out_file.read_text().splitlines()
     assert csv_lines[0] == "group,size,path,similarity" and csv_lines[1].startswith("1,7,")
 

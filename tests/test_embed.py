@@ -168,7 +168,7 @@ def test_unreadable_folder_and_broken_folder_link_keep_their_rows(tmp_path, imag
     assert (r.removed, r.unchanged, r.total) == (0, 6, 18)
     assert r.unreadable == {"green": f"broken link: its target {tmp_path / 'unmounted'} does not exist",
                             "red": "unreadable: Permission denied"}
-    assert "Could not read 2 folder(s) or link(s) (anything the store holds under them is kept): " in r.text()
+    assert "Could not read 2 of its folders and links (anything the store holds under them is kept): " in r.text()
     with EmbeddingStore.open(out) as s:
         assert len(s) == 18
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import shutil
 
 import numpy as np
@@ -186,6 +187,17 @@ def test_a_head_on_flip_tta_embeddings_exports_the_mean_of_both_views(world, tin
     for fmt in FORMATS:
         got = load_export(export_model(head, fmt, root / f"flip-{fmt}").out)(world["images"])
         np.testing.assert_allclose(got, head.predict_proba(Xq), atol=ATOL, err_msg=fmt)
+
+
+def test_an_export_folder_follows_the_umask(world, tmp_path):
+    """A shipped model must be readable by other users and services: no 0700 folder from mkdtemp."""
+    old = os.umask(0o022)
+    try:
+        out = export_model(world["heads"]["logreg"], "keras", tmp_path / "shipped").out
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in out.iterdir())
 
 
 def test_openvino_export_runs_in_f32_as_its_readme_says(world, monkeypatch):

@@ -131,7 +131,7 @@ def test_hostile_folder_embeds_the_good_records_the_bad_and_reruns_clean(tmp_pat
     assert main(args) == 0
     report = capsys.readouterr().out
     assert f"{len(good)} embedded" in report and f"{len(FAILURES)} failed" in report
-    assert "Could not read 2 folder(s) or link(s)" in report
+    assert "Could not read 2 of its folders and links" in report
     check_store(out, good)
 
     assert main(args) == 0  # re-run: nothing new, nothing removed, failures known

@@ -26,7 +26,7 @@ def test_shipped_pipelines_run_end_to_end(tmp_path, name, capsys):
     for rel in expected:
         assert (out / rel).stat().st_size > 0, rel
     assert main(argv) == 0  # second run: nothing to do
-    assert "0 step(s) ran" in capsys.readouterr().out
+    assert "0 steps ran" in capsys.readouterr().out
 
 
 def test_touching_one_image_reembeds_only_it_and_retrains(tmp_path, capsys):
@@ -42,7 +42,7 @@ def test_touching_one_image_reembeds_only_it_and_retrains(tmp_path, capsys):
     os.utime(one, (future, future))
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "1 embedded" in text and "39 unchanged" in text and "2 step(s) ran" in text
+    assert "1 embedded" in text and "39 unchanged" in text and "2 steps ran" in text
     assert main([*argv, "--dry-run"]) == 0
     assert capsys.readouterr().out.count("skipped: up to date") == 2
     assert main([*argv, "--set", "head=knn", "--dry-run"]) == 0  # options changed: train again

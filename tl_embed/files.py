@@ -20,6 +20,13 @@ def atomic_write(target: Path, write) -> None:
     fsync_dir(target.parent)
 
 
+def umask_mode(mode: int = 0o777) -> int:
+    """``mode`` as the user's umask leaves it: what ``mkdir`` would have made (``mkdtemp`` makes 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename or a new file in ``folder`` durable (the folder's entry, not just the data)."""
     fd = os.open(folder, os.O_RDONLY)

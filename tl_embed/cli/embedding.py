@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import TlEmbedError
 from ..kinds import STORE
+from ..wording import count
 from .options import add_backbone_options, add_command, add_runtime_option, positive_float, positive_int
 
 
@@ -112,7 +113,7 @@ def cmd_info(args) -> None:
         print(f"images     {s.root}")
         print(f"made       {s.meta.get('created')} by tl_embed {s.meta.get('tl_embed_version')}")
         print(f"embedded   {summary['images']} ({summary['dtype']}, {summary['bytes'] / 1e6:.1f} MB "
-              f"in {summary['shards']} shard(s))")
+              f"in {count(summary['shards'], 'shard')})")
         print("labels     " + _counts(summary["labels"]))
         print("splits     " + _counts(summary["splits"]))
         print(f"failed     {len(failures)}")

@@ -8,8 +8,19 @@ from pathlib import Path
 from ..errors import TlEmbedError
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default only where there is one to show: not for a required option, a flag, an
+    option without a default (None), or one whose help already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
+    return _DefaultsFormatter(prog, max_help_position=32)
 
 
 def add_command(sub, name: str, help_: str, description: str | None = None) -> argparse.ArgumentParser:

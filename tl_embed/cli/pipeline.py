@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TlEmbedError, WeightsUnavailableError
+from ..wording import count
 from .options import add_command
 
 if sys.version_info >= (3, 11):
@@ -284,5 +285,5 @@ def cmd_run(args) -> None:
         print(pipe.description)
     ran = run(pipe, dry_run=args.dry_run)
     if not args.dry_run:
-        print(f"pipeline {Path(args.pipeline).name}: {ran} step(s) ran, "
+        print(f"pipeline {Path(args.pipeline).name}: {count(ran, 'step')} ran, "
               f"{len(pipe.steps) - ran} up to date; outputs in {pipe.stamp_dir}")

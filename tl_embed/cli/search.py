@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..kinds import INDEX, STORE
+from ..wording import count
 from .options import add_command, add_runtime_option, fraction, positive_int
 
 
@@ -93,7 +94,7 @@ def cmd_search(args) -> None:
         contact_sheet([(Path(q), [(h.rank, h.path, h.score) for h in hits]) for q, hits in results],
                       Path(args.out), f"tl-embed search: {Path(args.index).name}",
                       Path(idx.meta["root"]) if idx.meta["root"] else None)
-        print(f"wrote {args.out} ({len(results)} queries, open it in a browser)")
+        print(f"wrote {args.out} ({count(len(results), 'query')}, open it in a browser)")
     elif args.format == "json":
         print(json.dumps([{"query": q, "neighbours": [{"rank": h.rank, "path": h.path, score: h.score}
                                                        for h in hits]} for q, hits in results], indent=2))
@@ -148,13 +149,14 @@ def cmd_dedup(args) -> None:
             w.writerows([n, len(g), p, f"{s:.4f}"] for p, s in g)
     else:
         total = sum(len(g) for g in groups)
-        buf.write(f"{len(groups)} group(s) of near-duplicates (cosine >= {args.threshold}), {total} images\n")
+        buf.write(f"{count(len(groups), 'group')} of near-duplicates (cosine >= {args.threshold}), "
+                  f"{count(total, 'image')}\n")
         for n, g in enumerate(groups, 1):
             buf.write(f"group {n} ({len(g)} images)\n" + "".join(f"  {s:.4f}  {p}\n" for p, s in g))
     if args.out:
         from ..files import atomic_write
 
         atomic_write(Path(args.out), lambda f: f.write(buf.getvalue().encode()))
-        print(f"{len(groups)} group(s) of near-duplicates (cosine >= {args.threshold}); wrote {args.out}")
+        print(f"{count(len(groups), 'group')} of near-duplicates (cosine >= {args.threshold}); wrote {args.out}")
     else:
         print(buf.getvalue().rstrip("\n"))

@@ -9,6 +9,7 @@ import sys
 
 from ..errors import TlEmbedError
 from ..kinds import HEAD, INDEX
+from ..wording import count
 from .options import add_command, add_runtime_option, add_trust_pickle_option, fraction, positive_int
 
 
@@ -60,8 +61,8 @@ def cmd_serve(args) -> None:
                            args.batch_wait_ms / 1000, args.trust_pickle)
     app = create_app(service, token, args.max_upload_mb * 1_000_000)
     host, port = sock.getsockname()[:2]
-    print(f"tl-embed: serving {service.catalog.index.path} ({len(service.catalog)} images, "
-          f"{len(service.heads)} head(s)) at http://{_url_host(host)}:{port}/", file=sys.stderr, flush=True)
+    print(f"tl-embed: serving {service.catalog.index.path} ({count(len(service.catalog), 'image')}, "
+          f"{count(len(service.heads), 'head')}) at http://{_url_host(host)}:{port}/", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
     # this process only serves: its parallelism is the requests', its cores the runtime's streams;
     # BLAS thread pools (FAISS's exact search) would only spin between the many small searches

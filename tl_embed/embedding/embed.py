@@ -21,6 +21,7 @@ import numpy as np
 
 from ..cpus import cpu_count
 from ..errors import StoreDamagedError, StoreError, StoreReadOnlyError, TlEmbedError
+from ..wording import count
 from .backbones import (
     BackboneSpec,
     LoadedBackbone,
@@ -138,7 +139,7 @@ class EmbedReport:
         if self.unreadable:
             shown = "; ".join(f"{k}: {v}" for k, v in list(self.unreadable.items())[:10])
             more = f"; and {len(self.unreadable) - 10} more" if len(self.unreadable) > 10 else ""
-            msg += (f" Could not read {len(self.unreadable)} folder(s) or link(s) (anything the store holds "
+            msg += (f" Could not read {len(self.unreadable)} of its folders and links (anything the store holds "
                     f"under them is kept): {shown}{more}.")
         return msg
 
@@ -185,7 +186,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
             check_prune(store, p, root)
         if store is not None and not store.writable and (p.todo or p.deleted or p.new_failures):
             raise StoreReadOnlyError(f"store {out} is read-only, and {len(p.todo)} new or changed and "
-                                     f"{len(p.deleted)} deleted image(s) would change it; copy it somewhere "
+                                     f"{count(len(p.deleted), 'deleted image')} would change it; copy it somewhere "
                                      "writable or use a new --out")
         report.unchanged, report.failed = p.unchanged, list(p.known_failures)
         if store is not None and p.deleted:

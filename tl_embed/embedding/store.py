@@ -288,8 +288,8 @@ class EmbeddingStore:
             locations, ids = np.ascontiguousarray(flat[:, :2]), np.ascontiguousarray(flat[:, 2])
             bad = _rows_outside(locations, {sid: len(a) for sid, a in self._shards.items()})
             if len(bad):
-                raise StoreDamagedError(self.path, f"{len(bad)} manifest row(s) point outside their shard "
-                                        f"(first: item id {ids[bad[0]]})", repairable=True)
+                raise StoreDamagedError(self.path, f"manifest rows point outside their shard ({len(bad)} of them; "
+                                        f"first: item id {ids[bad[0]]})", repairable=True)
             self._positions = (locations, ids)
         return self._positions
 

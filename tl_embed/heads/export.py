@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import TlEmbedError
-from ..files import fsync_dir
+from ..files import fsync_dir, umask_mode
 from ..kinds import EXPORT, EXPORT_MANIFEST, require_output
 from ..tf_quiet import import_tensorflow
 from .graph import Step
@@ -87,6 +87,7 @@ def export_model(head: Head, fmt: str, out: str | os.PathLike) -> ExportResult:
         (tmp / "labels.txt").write_text("".join(f"{c}\n" for c in head.classes))
         (tmp / "README.md").write_text(_readme(head, fmt))
         (tmp / MANIFEST).write_text(json.dumps(_manifest(head, fmt), indent=1))
+        tmp.chmod(umask_mode())  # a shipped model is readable by others and services, as any folder we make
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,6 +25,7 @@ import numpy as np
 from ..embedding.backbones import BackboneSpec, check_compatible
 from ..embedding.store import EmbeddingStore
 from ..errors import IndexDamagedError, TlEmbedError
+from ..wording import count
 from . import storage, tuning
 from .build import add_positions, build_streaming, can_remove, faiss_errors, load_faiss, prepare_vectors
 from .choose import EXACT_MAX, TYPES, advice, choose, human_size  # noqa: F401 - part of this module's API
@@ -391,7 +392,7 @@ class Index:
         how = "held-out" if m.get("recall_measure") == "held-out" else "leave-one-out"
         return (f"{self.path}: {m['factory']}{' + re-rank' if self.rerank else ''} ({m['metric']}"
                 f"{', ' + params if params else ''}) over {len(self)} vectors from {self.spec.describe()}; "
-                f"recall@10 {m['recall_at_10']:.3f} vs exact on {m['recall_queries']} {how} queries, "
+                f"recall@10 {m['recall_at_10']:.3f} vs exact on {count(m['recall_queries'], how + ' query')}, "
                 f"{m['memory_bytes'] / 1e6:.1f} MB, {m['latency_ms']:.2f} ms per single query{qps}; "
                 f"built in {m['build_seconds']:.1f} s" + _notes(m, len(self)))
 
