@@ -118,7 +118,7 @@ def test_cli_export_and_its_refusals(world, tmp_path, capsys):
     # anything else is never written over
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "mine.jpg").write_bytes(b"x")
-    for target, why in ((tmp_path / "photos", "other files in it"), (model, "is a file")):
+    for target, why in ((tmp_path / "photos", "other files in it"), (model, "is a model file")):
         assert main(["export-model", str(model), "--format", "keras", "--out", str(target)]) == 2
         err = capsys.readouterr().err
         assert why in err and err.count("\n") == 1

@@ -1,6 +1,7 @@
 """Index hardening: any factory string, size checks, one-file atomic format, writer lock, store identity,
 damaged indexes and option values, each with the exact one-line error a user sees."""
 
+import fnmatch
 import json
 import os
 import signal
@@ -111,14 +112,14 @@ def test_hnsw_adds_in_place_and_rebuilds_only_to_remove(tmp_path):
                                "use --type ivf (auto-sized) or flat"),
     (300, ["--max-memory", "1KB"], "--max-memory 1KB is too small for 300 vectors of dimension 16: "
                                    "the smallest index (IVF7,SQ8) takes about 12.5KB; use --max-memory 12.5KB or more"),
-    (16, ["--type", "PCA64,Flat"], "FAISS failed to build the PCA64,Flat index: Error: 'static_cast<size_t>"
-                                   "(d_out) * d_in <= PCAMat.size()' failed: PCA matrix cannot output 64 "
-                                   "dimensions from 16"),
+    # FAISS's own words, whose assertion text varies between FAISS releases (the part in quotes)
+    (16, ["--type", "PCA64,Flat"], "FAISS failed to build the PCA64,Flat index: Error: '*' failed: PCA matrix "
+                                   "cannot output 64 dimensions from 16"),
 ])
 def test_sizes_are_checked_before_faiss_and_nothing_is_left_behind(tmp_path, capsys, n, args, message):
     store, out = make_store(tmp_path / "s.tle", clustered(n)), tmp_path / "i.tli"
     assert main(["index", str(store), "--out", str(out), *args]) == 2
-    assert err_line(capsys) == f"tl-embed: error: {message}"
+    assert fnmatch.fnmatchcase(err_line(capsys), f"tl-embed: error: {message}")
     assert not out.exists()  # a failed first build leaves no empty "index" folder
 
 

@@ -56,11 +56,8 @@ Ink = str | tuple[int, int, int]
 
 
 def report_font(size: int) -> Font:
-    """Pillow's bundled scalable font; Pillow < 10.1 only has the small bitmap one."""
-    try:
-        return ImageFont.load_default(size)
-    except TypeError:
-        return ImageFont.load_default()
+    """Pillow's bundled scalable font (Pillow 10.1+), so labels are legible at any size, with no system fonts."""
+    return ImageFont.load_default(size)
 
 
 def confusion_title(m: Metrics, title: str) -> list[str]:
