@@ -332,3 +332,60 @@ def test_a_head_of_another_backbone_is_named_the_right_way_round(served, tmp_pat
         load_service(served.index, [str(tmp_path / "random.tlh")])
     made, uses = str(e.value).split(" was made with ")[1].split(", but this uses ")
     assert made.startswith(head.spec.describe()) and uses.startswith(index_spec.describe())
+
+
+@pytest.fixture
+def live(service):
+    """A client whose lifespan starts the service again (tests above stop it when their own client closes)."""
+    with TestClient(create_app(service, max_upload=MAX_UPLOAD)) as c:
+        yield c
+
+
+@pytest.mark.parametrize("body", [{"id": True}, {"id": "7"}, {"id": 7.0}, {"id": 1, "k": True}, {"id": 1, "k": "3"},
+                                  {"vector": [True] * 16}, {"vector": ["0.5"] * 16}])
+def test_integers_and_numbers_are_exactly_that(live, body):
+    error_of(live.post("/search", json=body), 422)
+
+
+@pytest.mark.parametrize("k", ["１０", "+3", "1_0", " 3x"])
+def test_a_form_k_is_ascii_digits(live, tmp_path, k):
+    assert "whole number" in error_of(upload(live, "/search", jpeg("red", 5, tmp_path), k=k), 422)
+
+
+@pytest.mark.parametrize("ident", ["1_0", "+1", "１", "0x1", "-1"])
+def test_image_ids_are_plain_digits(live, ident):
+    assert live.get(f"/images/{ident}").status_code in (404, 422)
+    assert live.get("/images/1").status_code == 200
+
+
+def test_head_answers_where_get_does(live):
+    for url in ("/healthz", "/images/1"):
+        r = live.head(url)
+        assert r.status_code == 200 and r.content == b""
+
+
+def test_vector_queries_depend_on_direction_only(live, service):
+    """float32 norms overflow from ~1e19 and underflow below ~1e-19: the service must not care."""
+    v = np.asarray(service.catalog.vector(2), np.float64)
+    v = v / np.abs(v).max()
+    answers = []
+    for scale in (1.0, 3e38, 1e18, 1e-14, 1e-30):
+        r = live.post("/search", json={"vector": [float(x) for x in (v * scale).astype(np.float32)], "k": 5})
+        assert r.status_code == 200, (scale, r.text)
+        answers.append([(n["id"], round(n["similarity"], 4)) for n in r.json()["neighbours"]])
+    assert all(a == answers[0] for a in answers), answers
+    assert answers[0][0][1] == pytest.approx(1.0, abs=1e-3)
+    assert "all zeros" in error_of(live.post("/search", json={"vector": [0.0] * 16}), 422)
+
+
+def test_only_the_formats_we_read_reach_a_decoder(live, monkeypatch):
+    """An EPS/PS upload never reaches Pillow's EPS plugin (which runs Ghostscript where installed)."""
+    from PIL import EpsImagePlugin
+
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(1))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n"
+    for data in (eps, b"\xc5\xd0\xd3\xc6" + b"\0" * 28 + eps):  # plain and DOS-binary EPS
+        r = live.post("/search", files={"image": ("picture.jpg", data, "image/jpeg")})
+        assert "not a recognised image format" in error_of(r, 415)
+    assert opened == []

@@ -19,9 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import (  # noqa: F401 - registers the decoders of PIL_FORMATS (Pillow preloads only some)
+    BmpImagePlugin,
+    GifImagePlugin,
+    Image,
+    JpegImagePlugin,
+    PngImagePlugin,
+    TiffImagePlugin,
+    UnidentifiedImageError,
+    WebPImagePlugin,
+)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# The decoders Pillow may use, whatever a file is named: the formats above (JPEG's also opens phone cameras'
+# multi-picture JPEGs as MPO).  Without a list Pillow tries every plugin it has, EPS among them, which runs
+# Ghostscript when installed: an attack surface for a service that takes files from strangers.
+PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 MAX_PIXELS = 250_000_000  # larger than any camera; a bigger header is a decompression bomb
 EXIF_ORIENTATION = 0x0112
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
@@ -111,7 +124,7 @@ def decode_bytes(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> tuple[
     uploads at once.
     """
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as img:
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageDecodeError(f"too large: {w}x{h} pixels (limit {max_pixels:,})")
@@ -127,7 +140,7 @@ def decode_bytes(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> tuple[
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"too large: {e}") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError("not a recognised image format") from None
+        raise ImageDecodeError("not a recognised image format (JPEG, PNG, WebP, GIF, BMP or TIFF)") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         msg = str(e)
         reason = "truncated" if "truncated" in msg.lower() else "corrupt"

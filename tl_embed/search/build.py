@@ -112,9 +112,16 @@ def can_remove(index) -> bool:
 
 
 def prepare_vectors(vectors: np.ndarray, metric: str) -> np.ndarray:
-    """float32, contiguous, and L2-normalised for cosine (inner product of unit vectors)."""
+    """float32, contiguous, and L2-normalised for cosine (inner product of unit vectors).
+
+    Each row is first divided by its largest magnitude: the float32 norm of a valid vector overflows to
+    inf from ~1e19 per element and underflows to 0 below ~1e-19, and cosine depends on the direction only.
+    An all-zero row stays zero.
+    """
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if metric == "cosine":
+        peak = np.abs(x).max(axis=1, keepdims=True) if x.size else np.ones((len(x), 1), np.float32)
+        x = x / np.where(peak > 0, peak, 1)
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     return x
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..embedding.images import to_rgb, upright
+from ..embedding.images import PIL_FORMATS, to_rgb, upright
 from ..files import atomic_write
 
 
 def thumbnail_uri(path: Path, size: int = 160) -> str:
     """A small inline JPEG (data URI) so the HTML page works when moved or mailed."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=PIL_FORMATS) as im:
             im.draft("RGB", (size, size))
             thumb = to_rgb(upright(im)).copy()  # a copy outlives the file
             thumb.thumbnail((size, size))

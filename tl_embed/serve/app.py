@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,11 @@ from typing import Any
 import numpy as np
 from anyio import CapacityLimiter, to_thread
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as FastApiPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, model_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -90,10 +92,11 @@ class JsonQuery(BaseModel):
     """A query by stored image (``id`` or ``path``) or by embedding (``vector``), as JSON."""
 
     model_config = ConfigDict(extra="forbid")
-    id: int | None = None
+    # strict: true is not id 1, "7" and 7.0 are not 7; a JSON number is a float, a string or bool is not
+    id: StrictInt | None = None
     path: str | None = None
-    vector: list[float] | None = None
-    k: int = 10
+    vector: list[StrictFloat] | None = None
+    k: StrictInt = Field(10, json_schema_extra={"minimum": 1, "maximum": MAX_K})  # checked by _k, in our words
     label: str | None = None
 
     @model_validator(mode="after")
@@ -154,6 +157,8 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
                 vector = np.asarray(body.vector, np.float32)
                 if vector.shape != (catalog.index.spec.dim,) or not np.isfinite(vector).all():
                     raise ApiError(422, f"vector must be {catalog.index.spec.dim} finite numbers")
+                if catalog.metric == "cosine" and not vector.any():
+                    raise ApiError(422, "vector is all zeros: it has no direction to compare by cosine")
                 return ParsedQuery(vector, {"kind": "vector"}, k, body.label)
             ident = catalog.id_for(body.id, body.path)
             return ParsedQuery(catalog.vector(ident), {"kind": "stored", **catalog.describe(ident)}, k,
@@ -217,16 +222,17 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
                         "confidence": top[0]["probability"], "top": top})
         return {"query": q.source, "min_confidence": service.min_confidence, "predictions": out}
 
-    @app.get("/images/{image_id}", summary="a stored image, or its thumbnail")
-    def image(image_id: int, size: int | None = Query(None, ge=16, le=THUMBNAIL_MAX,
-                                                      description="longer side of a JPEG thumbnail")):
+    @app.api_route("/images/{image_id}", methods=["GET", "HEAD"], summary="a stored image, or its thumbnail")
+    def image(image_id: str = FastApiPath(pattern=r"^[0-9]{1,18}$", description="the image's id: digits only"),
+              size: int | None = Query(None, ge=16, le=THUMBNAIL_MAX, description="longer side of a JPEG thumbnail")):
         """Only images the store holds, by id; ``size`` gives a JPEG thumbnail instead of the file."""
+        image_id = int(image_id)  # ASCII digits only: "+1", "1_0" and full-width digits are not ids
         cache = {"cache-control": "private, max-age=3600", "x-content-type-options": "nosniff"}
         if size is None:
             return FileResponse(catalog.image_file(image_id), headers=cache)
         return Response(catalog.thumbnail(image_id, size), media_type="image/jpeg", headers=cache)
 
-    @app.get("/healthz", summary="liveness")
+    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="liveness")
     def healthz() -> dict:
         return {"status": "ok"}
 
@@ -265,10 +271,13 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
 
 
 def _k(value) -> int:
-    try:
+    """A form's k: ASCII digits only (int() would also take "+10", "1_0" and full-width digits)."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,9}", value.strip()):
         k = int(value)
-    except (TypeError, ValueError):
-        raise ApiError(422, f"k must be a whole number, not {value!r}") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        k = value
+    else:
+        raise ApiError(422, f"k must be a whole number, not {value!r}")
     if not 1 <= k <= MAX_K:
         raise ApiError(422, f"k must be between 1 and {MAX_K}, not {k}")
     return k

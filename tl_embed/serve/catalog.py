@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..embedding.backbones import check_compatible
-from ..embedding.images import IMAGE_SUFFIXES, to_rgb
+from ..embedding.images import IMAGE_SUFFIXES, PIL_FORMATS, to_rgb
 from ..embedding.store import EmbeddingStore
 from ..errors import TlEmbedError
 from ..search.index import Index, load_faiss, prepare_vectors
@@ -157,7 +157,7 @@ class Catalog:
         """A JPEG at most ``size`` px on its longer side (cached: the page asks for the same ones often)."""
         path = self.image_file(ident)
         try:
-            with Image.open(path) as im:
+            with Image.open(path, formats=PIL_FORMATS) as im:
                 if im.width * im.height > THUMBNAIL_PIXELS:
                     raise NotFound(f"image {ident} is too large to thumbnail ({im.width}x{im.height})")
                 im.draft("RGB", (size, size))
