@@ -113,3 +113,42 @@ def test_a_port_in_use_is_one_line(served, capsys):
         assert main(["serve", str(served.index), "--port", str(s.getsockname()[1])]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot listen on 127.0.0.1" in err and len(err.splitlines()) == 1
+
+
+def test_a_huge_header_is_431_at_once_and_delays_no_one(served, tmp_path):
+    """uvicorn reads headers unbounded: the server refuses a head over 64 KB before reading further."""
+    import io
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    port = free_port()
+    proc = start(str(served.index), "--port", str(port), TL_EMBED_TOKEN="t0k")
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}", "t0k")
+        slow = socket.create_connection(("127.0.0.1", port))  # a head that is not finished yet
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 60_000)
+        t0 = time.monotonic()
+        assert get(f"http://127.0.0.1:{port}/healthz", "t0k")[0] == 200
+        assert time.monotonic() - t0 < 2.0
+        big = socket.create_connection(("127.0.0.1", port))
+        t0 = time.monotonic()
+        with contextlib.suppress(OSError):  # the server closes while the rest is still being sent
+            big.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n")
+        answer = big.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 431 ") and b'"error"' in answer, answer[:200]
+        assert time.monotonic() - t0 < 2.0
+        slow.close()
+        big.close()
+        # a body above the head's limit is not a head: a 200 KB upload is served as before
+        pixels = np.random.default_rng(0).integers(0, 255, (420, 420, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+        assert len(buf.getvalue()) > 100_000
+        r = httpx.post(f"http://127.0.0.1:{port}/search", files={"image": ("q.jpg", buf.getvalue(), "image/jpeg")},
+                       headers={"authorization": "Bearer t0k"}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["neighbours"]) > 0
+    finally:
+        err = stop(proc)
+    assert "Traceback" not in err

@@ -45,6 +45,7 @@ def cmd_serve(args) -> None:
         from threadpoolctl import threadpool_limits
 
         from ..serve.app import create_app, load_service
+        from ..serve.http import BoundedHeadProtocol
     except ImportError as e:
         raise TlEmbedError(f"serve needs the 'serve' extra ({e.name} is missing): "
                            "pip install 'tl_embed[serve]'") from None
@@ -63,7 +64,7 @@ def cmd_serve(args) -> None:
     host, port = sock.getsockname()[:2]
     print(f"tl-embed: serving {service.catalog.index.path} ({count(len(service.catalog), 'image')}, "
           f"{count(len(service.heads), 'head')}) at http://{_url_host(host)}:{port}/", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, http=BoundedHeadProtocol)
     # this process only serves: its parallelism is the requests', its cores the runtime's streams;
     # BLAS thread pools (FAISS's exact search) would only spin between the many small searches
     with threadpool_limits(1, user_api="blas"):
