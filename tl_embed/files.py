@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -15,9 +16,24 @@ def atomic_write(target: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+    except OSError as e:
+        if e.errno is None:  # numpy's writers say only "N requested and M written": a short write
+            raise OSError(errno.ENOSPC if disk_is_full(target.parent) else errno.EIO,
+                          f"short write ({e})", str(target)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(target.parent)
+
+
+def disk_is_full(folder: Path, spare: int = 256 * 1024) -> bool:
+    """Whether the file system holding ``folder`` has (nearly) no room left: what a failure without an
+    errno (a short write, SQLite's "disk I/O error") most likely meant."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < spare
 
 
 def umask_mode(mode: int = 0o777) -> int:

@@ -5,6 +5,8 @@ Layout of ``NAME.tle/``::
     manifest.sqlite   meta (backbone spec, dtype, image root), shards, items, failures
     shards/NNNNNNNN.npy  float32/float16 rows, written once, never modified
     .lock             held (flock) by the one writer
+    .readers.lock     held shared by readers while they map a snapshot's shards, exclusively by a writer
+                      while it unlinks shards
 
 Crash safety comes from ordering: a shard is written to a temp file, fsynced and renamed *before* the
 SQLite transaction that references it commits.  A crash therefore loses at most the batch in flight;
@@ -16,15 +18,19 @@ k images to N costs O(k) and memory stays bounded.  Opening reads only the shard
 on first use, and :meth:`EmbeddingStore.iter_chunks` reads any store in bounded memory.
 
 A new store is built in a hidden temp folder beside its final place and renamed into place, so a folder
-named like a store is always a complete store.  Readers never take the lock: each reads one SQLite
-snapshot, and if the writer's compaction unlinks a shard between that snapshot and the mapping, the
-reader simply takes a fresh snapshot.  A store on read-only media opens for reading as it is.
+named like a store is always a complete store.  Readers never take the writer's lock: each reads one
+SQLite snapshot and maps its shards under a shared lock that the writer takes exclusively only to unlink
+old shards, so a reader never maps a shard that is gone (a mapped shard stays readable after an unlink);
+where that lock cannot be had (another user's store) a reader retries on a fresh snapshot.  A store on
+read-only media opens for reading as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -41,7 +47,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import StoreDamagedError, StoreError, StoreReadOnlyError
-from ..files import atomic_write, fsync_dir, try_lock, unlock
+from ..files import atomic_write, disk_is_full, fsync_dir, try_lock, unlock
 from ..kinds import STORE, STORE_MANIFEST, require_output
 from .backbones import BackboneSpec
 
@@ -159,7 +165,11 @@ class EmbeddingStore:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return cls.open(path, "a")
+        try:
+            return cls.open(path, "a")
+        except (OSError, StoreError):  # e.g. no room left for SQLite's WAL: take back the empty store just
+            _remove_unopened(path)  # made, so creation stays all or nothing
+            raise
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r") -> EmbeddingStore:
@@ -249,7 +259,11 @@ class EmbeddingStore:
         """
         for attempt in range(attempts):
             try:
-                self._load_snapshot()
+                if self._lock_fd is None:  # a reader: no shard of this snapshot is unlinked while it maps them
+                    with _shard_lock(self.path, exclusive=False):
+                        self._load_snapshot()
+                else:  # the writer: the only one that unlinks
+                    self._load_snapshot()
                 return
             except FileNotFoundError as e:
                 if self._lock_fd is not None or attempt == attempts - 1:
@@ -265,7 +279,7 @@ class EmbeddingStore:
             shard_files = self._conn.execute("SELECT id, file, rows FROM shards").fetchall()
             self._count = self._conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
         except sqlite3.DatabaseError as e:
-            raise StoreDamagedError(self.path, f"its manifest cannot be read ({e})") from None
+            raise _manifest_error(self.path, e, "read") from None
         self._shards = {sid: self._map_shard(f, n) for sid, f, n in shard_files}
         self._positions: tuple[np.ndarray, np.ndarray] | None = None  # (locations N x 2, ids)
         self._rows_cache: list[ManifestRow] | None = None
@@ -277,7 +291,7 @@ class EmbeddingStore:
         try:
             return self._conn.execute(sql).fetchall()
         except sqlite3.DatabaseError as e:
-            raise StoreDamagedError(self.path, f"its manifest cannot be read ({e})") from None
+            raise _manifest_error(self.path, e, "read") from None
 
     def _located(self) -> tuple[np.ndarray, np.ndarray]:
         """(N x 2 (shard, row) locations, N ids) in manifest order, read once per snapshot as arrays."""
@@ -606,6 +620,7 @@ class EmbeddingStore:
         tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=(len(items), self.dim))
+            _reserve(tmp)  # a full disk is an OSError here, not a SIGBUS while writing through the map
             for start in range(0, len(items), chunk):
                 part = items[start:start + chunk]
                 for src in np.unique(part[:, 1]):
@@ -630,8 +645,9 @@ class EmbeddingStore:
             self._conn.executemany("INSERT INTO shards (id, file, rows) VALUES (?, ?, ?)", new)
             self._conn.executemany("UPDATE items SET shard = ?, row = ? WHERE id = ?", repoint)
             self._conn.executemany("DELETE FROM shards WHERE id = ?", [(s,) for s in old])
-        for f in files:
-            (self.path / "shards" / f).unlink(missing_ok=True)
+        with _shard_lock(self.path, exclusive=True):  # waits for readers mapping an older snapshot
+            for f in files:
+                (self.path / "shards" / f).unlink(missing_ok=True)
         self._load()
 
     def refresh(self) -> None:
@@ -652,9 +668,10 @@ class EmbeddingStore:
     def _remove_orphan_files(self) -> None:
         """Delete shard files no manifest row references and temp files of a crashed writer."""
         known = {f for (f,) in self._conn.execute("SELECT file FROM shards")}
-        for p in (self.path / "shards").iterdir():
-            if p.name not in known:
-                p.unlink(missing_ok=True)
+        with _shard_lock(self.path, exclusive=True):
+            for p in (self.path / "shards").iterdir():
+                if p.name not in known:
+                    p.unlink(missing_ok=True)
 
 
 def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
@@ -685,7 +702,15 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
         if not readonly and _read_only_media(path, e):
             raise StoreReadOnlyError(f"store {path.parent} is read-only ({e}); it can be read but not "
                                      "changed") from None
-        raise StoreDamagedError(path.parent, f"its manifest cannot be opened ({e})") from None
+        raise _manifest_error(path.parent, e, "opened") from None
+
+
+def _manifest_error(store: Path, e: sqlite3.DatabaseError, verb: str) -> Exception:
+    """SQLite's "disk I/O error" on a full disk (it cannot grow its WAL files) is no damage: say the disk
+    is full, as every other full-disk case does; anything else is a damaged manifest."""
+    if disk_is_full(store):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(store))
+    return StoreDamagedError(store, f"its manifest cannot be {verb} ({e})")
 
 
 def _rows_outside(locations: np.ndarray, shard_rows: dict[int, int]) -> np.ndarray:
@@ -716,13 +741,57 @@ def _read_meta(path: Path, conn: sqlite3.Connection) -> dict[str, str]:
     try:
         meta = dict(conn.execute("SELECT key, value FROM meta"))
     except sqlite3.DatabaseError as e:
-        raise StoreDamagedError(path, f"its manifest cannot be read ({e})") from None
+        raise _manifest_error(path, e, "read") from None
     version = meta.get("format_version")
     if version is None:
         raise StoreDamagedError(path, "its manifest has no format record")
     if version != str(FORMAT_VERSION):
         raise StoreError(f"{path} has store format {version}, this tl_embed reads format {FORMAT_VERSION}")
     return meta
+
+
+READERS_LOCK = ".readers.lock"
+
+
+@contextlib.contextmanager
+def _shard_lock(path: Path, exclusive: bool) -> Iterator[None]:
+    """Shared: a reader between reading the shard table and mapping the shards; exclusive: a writer
+    unlinking shards.  Held for milliseconds.  Without a lock file we may open (another user's store,
+    read-only media) a reader goes on unlocked and relies on retrying a fresh snapshot."""
+    fd = None
+    for flags in ((os.O_RDONLY,), (os.O_RDWR | os.O_CREAT, 0o644)):
+        try:
+            fd = os.open(path / READERS_LOCK, *flags)
+            break
+        except OSError:
+            continue
+    if fd is None:
+        if exclusive:
+            raise StoreError(f"cannot create {path / READERS_LOCK}: check the store folder's permissions")
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a file's blocks now: a memory map writing into a sparse file on a full disk gets SIGBUS."""
+    with open(path, "rb+") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+            return
+        except (AttributeError, OSError) as e:  # no posix_fallocate here, or a file system without it
+            if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        block = 1 << 20
+        for start in range(0, size, block):  # zeros written are blocks allocated; the map overwrites them
+            f.seek(start)
+            f.write(bytes(min(block, size - start)))
+        f.flush()
 
 
 def _lock(path: Path) -> int:
@@ -738,6 +807,20 @@ def _lock(path: Path) -> int:
         raise StoreError(f"{path} is being written by another tl-embed process; "
                          "wait for it to finish (only one writer at a time)")
     return fd
+
+
+def _remove_unopened(path: Path) -> None:
+    """Remove the store :meth:`EmbeddingStore.create` has just renamed into place and could not open,
+    unless another writer got to it in between (then it holds that writer's work)."""
+    try:
+        fd = try_lock(path / ".lock")
+    except OSError:
+        return
+    if fd is not None:
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            unlock(fd)
 
 
 def _remove_dead_temp_folders(path: Path) -> None:
