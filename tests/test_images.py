@@ -157,3 +157,33 @@ def test_pipes_devices_and_folders_are_refused_without_reading(tmp_path):
     t.start()
     t.join(timeout=20)
     assert not t.is_alive() and reasons == cases
+
+
+def test_memory_of_large_decodes_goes_back_to_the_os():
+    """Eight concurrent decodes of a 7000 x 7000 PNG (what a service's uploads can be) must not leave the
+    process hundreds of MB larger for good: glibc keeps such blocks unless trimmed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import io, threading
+        from PIL import Image
+        from tl_embed.embedding.images import decode_bytes
+        def rss_mb():
+            return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) // 1024
+        buf = io.BytesIO()
+        Image.new("RGB", (7000, 7000), (10, 200, 30)).save(buf, "PNG")
+        data = buf.getvalue()
+        decode_bytes(data, 224, 50_000_000)
+        start = rss_mb()
+        for _ in range(3):
+            threads = [threading.Thread(target=decode_bytes, args=(data, 224, 50_000_000)) for _ in range(8)]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+        print(start, rss_mb())
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    start, end = map(int, r.stdout.split())
+    assert end - start < 100, (start, end)  # without trimming: +200 to +500 MB

@@ -8,7 +8,10 @@ or blocks a batch run.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import functools
 import hashlib
 import io
 import os
@@ -123,6 +126,13 @@ def decode_bytes(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> tuple[
     ``max_pixels`` lets a service refuse smaller bombs than a batch run does: it decodes many
     uploads at once.
     """
+    pixels, w, h = _decode(data, size, max_pixels)
+    if w * h >= RELEASE_PIXELS:  # the full-size image is gone with _decode's frame: hand its memory back
+        release_memory()
+    return pixels, w, h
+
+
+def _decode(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, int, int]:
     try:
         with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as img:
             w, h = img.size
@@ -148,6 +158,27 @@ def decode_bytes(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> tuple[
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
     return np.asarray(rgb, dtype=np.uint8), w, h
+
+
+RELEASE_PIXELS = 16_000_000  # a decode this large leaves ~50 MB+ behind in malloc's arenas
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (another C library, another OS)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_memory() -> None:
+    """Give freed memory back to the OS.  glibc keeps large freed blocks in its arenas: eight concurrent
+    7000x7000 PNG decodes left a server 400-500 MB larger for good; trimming after each large decode
+    brought it back to within ~10 MB of where it started."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def upright(img: Image.Image) -> Image.Image:
