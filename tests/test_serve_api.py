@@ -201,7 +201,9 @@ def test_chunked_body_over_the_limit_is_413(client):
     ({"id": 1, "path": "red/red_000.jpg"}, "exactly one of"),
     ({"id": 1, "colour": "red"}, "colour"),
     ({"id": "one"}, "id"),
-    ({"vector": [0.5] * 3}, "16 finite numbers"),
+    ({"vector": [0.5] * 3}, "16 finite float32 numbers"),
+    ({"vector": [3.5e38] * 16}, "16 finite float32 numbers"),
+    ({"id": 1, "label": None}, "label must not be null"),
     ({"id": 1, "k": 0}, "between 1 and 100"),
     ({"id": 1, "k": 101}, "between 1 and 100"),
 ])

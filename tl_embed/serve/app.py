@@ -12,6 +12,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from fastapi import Path as FastApiPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, ValidationError, model_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -39,6 +40,7 @@ from .catalog import MAX_K, THUMBNAIL_MAX, Catalog, NotFound
 from .guard import BodyTooLarge, Guard
 
 STATIC = Path(__file__).with_name("static")
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # a query vector's numbers are float32
 UPLOAD_PIXELS = 50_000_000  # an upload's header may claim at most this; more is refused as a bomb
 EMBED_TIMEOUT = 30.0  # seconds; a request never waits longer for its embedding
 
@@ -96,8 +98,18 @@ class JsonQuery(BaseModel):
     id: StrictInt | None = None
     path: str | None = None
     vector: list[StrictFloat] | None = None
-    k: StrictInt = Field(10, json_schema_extra={"minimum": 1, "maximum": MAX_K})  # checked by _k, in our words
+    k: StrictInt = 10  # its range is checked by _k, in our words
     label: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def no_nulls(cls, data: Any) -> Any:
+        """A field is given or left out, never null (the API description says so)."""
+        if isinstance(data, dict):
+            nulls = sorted(str(k) for k, v in data.items() if v is None)
+            if nulls:
+                raise ValueError(f"{', '.join(nulls)} must not be null: leave out what you do not give")
+        return data
 
     @model_validator(mode="after")
     def one_source(self) -> JsonQuery:
@@ -137,15 +149,21 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
             form = await request.form(max_files=1, max_fields=8)
+            unknown = sorted(set(form.keys()) - {"image", "k", "label"})
+            if unknown:
+                raise ApiError(422, f"unknown form field(s) {', '.join(map(repr, unknown))}: send image, k and label")
+            repeated = sorted(name for name in set(form.keys()) if len(form.getlist(name)) > 1)
+            if repeated:
+                raise ApiError(422, f"form field(s) {', '.join(map(repr, repeated))} given more than once")
             upload = form.get("image")
             if not isinstance(upload, UploadFile):
                 raise ApiError(422, "send the image as the multipart file field 'image'")
             data = await upload.read()
             vector, width, height = await embed_upload(data)
             source = {"kind": "upload", "filename": upload.filename, "width": width, "height": height}
-            label = form.get("label") or None
-            if label is not None and not isinstance(label, str):
-                raise ApiError(422, "label must be a text field")
+            label = form.get("label")
+            if label is not None and (not isinstance(label, str) or not label):
+                raise ApiError(422, "label must be a non-empty text field")
             return ParsedQuery(vector, source, _k(form.get("k", "10")), label)
         if ctype == "application/json":
             try:
@@ -153,10 +171,13 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
             except ValidationError as e:
                 raise ApiError(422, _validation_text(e.errors())) from None
             k = _k(body.k)
+            if body.label == "":
+                raise ApiError(422, "label must not be empty")
             if body.vector is not None:
-                vector = np.asarray(body.vector, np.float32)
-                if vector.shape != (catalog.index.spec.dim,) or not np.isfinite(vector).all():
-                    raise ApiError(422, f"vector must be {catalog.index.spec.dim} finite numbers")
+                given = np.asarray(body.vector, np.float64)
+                if given.shape != (catalog.index.spec.dim,) or not (np.abs(given) <= FLOAT32_MAX).all():
+                    raise ApiError(422, f"vector must be {catalog.index.spec.dim} finite float32 numbers")
+                vector = given.astype(np.float32)
                 if catalog.metric == "cosine" and not vector.any():
                     raise ApiError(422, "vector is all zeros: it has no direction to compare by cosine")
                 return ParsedQuery(vector, {"kind": "vector"}, k, body.label)
@@ -183,13 +204,11 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
                                 f"{EMBED_TIMEOUT:.0f} s; try again") from None
         return vector, width, height
 
-    request_body = {"content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-            "image": {"type": "string", "format": "binary"}, "k": {"type": "integer", "default": 10},
-            "label": {"type": "string"}}}},
-        "application/json": {"schema": JsonQuery.model_json_schema()}}, "required": True}
+    request_body = query_body_schema(catalog.index.spec.dim, catalog.metric)
+    query_errors = error_responses(400, 404, 413, 415, 422, 503)
 
-    @app.post("/search", openapi_extra={"requestBody": request_body}, summary="nearest stored images")
+    @app.post("/search", openapi_extra={"requestBody": request_body}, responses=query_errors,
+              summary="nearest stored images")
     async def search(request: Request) -> dict:
         """Neighbours of an uploaded image (multipart ``image``), a stored image (JSON ``id`` or ``path``)
         or an embedding (JSON ``vector``); ``k`` of them, optionally only those labelled ``label``."""
@@ -205,7 +224,8 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
                                 "image": f"/images/{h.id}", "thumbnail": f"/images/{h.id}?size=256"}
                                for r, h in enumerate(hits, 1)]}
 
-    @app.post("/predict", openapi_extra={"requestBody": request_body}, summary="labels from each loaded head")
+    @app.post("/predict", openapi_extra={"requestBody": request_body}, responses=query_errors,
+              summary="labels from each loaded head")
     async def predict(request: Request) -> dict:
         """Top-``k`` labels with probabilities from every head; ``unknown`` when the top probability is
         below the service's ``--min-confidence``.  Takes the same query forms as ``/search``."""
@@ -222,7 +242,11 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
                         "confidence": top[0]["probability"], "top": top})
         return {"query": q.source, "min_confidence": service.min_confidence, "predictions": out}
 
-    @app.api_route("/images/{image_id}", methods=["GET", "HEAD"], summary="a stored image, or its thumbnail")
+    @app.head("/images/{image_id}", include_in_schema=False)
+    @app.get("/images/{image_id}", summary="a stored image, or its thumbnail", response_class=Response,
+             responses={200: {"description": "the image file as stored (any of the formats embed reads), or a "
+                                             "JPEG thumbnail", "content": {"image/*": {}}},
+                        **error_responses(404, 422)})
     def image(image_id: str = FastApiPath(pattern=r"^[0-9]{1,18}$", description="the image's id: digits only"),
               size: int | None = Query(None, ge=16, le=THUMBNAIL_MAX, description="longer side of a JPEG thumbnail")):
         """Only images the store holds, by id; ``size`` gives a JPEG thumbnail instead of the file."""
@@ -232,7 +256,8 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
             return FileResponse(catalog.image_file(image_id), headers=cache)
         return Response(catalog.thumbnail(image_id, size), media_type="image/jpeg", headers=cache)
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="liveness")
+    @app.head("/healthz", include_in_schema=False)
+    @app.get("/healthz", summary="liveness")
     def healthz() -> dict:
         return {"status": "ok"}
 
@@ -270,9 +295,48 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
     return Guard(app, token, max_upload)
 
 
+class ErrorReply(BaseModel):
+    """Every error the service answers: one line saying what went wrong and what to do."""
+
+    error: str
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI entries for the error statuses a route answers, all with the one error shape."""
+    return {status: {"model": ErrorReply, "description": HTTPStatus(status).phrase} for status in statuses}
+
+
+def query_body_schema(dim: int, metric: str) -> dict:
+    """The request body of /search and /predict as the server takes it: a multipart upload, or JSON
+    with exactly one of id, path or vector (a vector of ``dim`` float32 numbers; for cosine not all 0)."""
+    vector: dict[str, Any] = {"type": "array", "minItems": dim, "maxItems": dim,
+                              "items": {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}}
+    if metric == "cosine":
+        vector["not"] = {"items": {"const": 0}}
+    k = {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10}
+    label = {"type": "string", "minLength": 1}
+    json_query = {"type": "object", "additionalProperties": False,
+                  "properties": {"id": {"type": "integer", "minimum": 0}, "path": {"type": "string", "minLength": 1},
+                                 "vector": vector, "k": k, "label": label},
+                  "oneOf": [{"required": ["id"]}, {"required": ["path"]}, {"required": ["vector"]}]}
+    # a form carries text only: a number sent as k or label arrives as its digits, and is taken as such
+    form_k = {"type": ["integer", "string"], "minimum": 1, "maximum": MAX_K, "default": 10,
+              "pattern": f"^([1-9][0-9]{{0,{len(str(MAX_K)) - 2}}}|{MAX_K})$"}  # MAX_K is a power of ten
+    form_label = {"type": ["string", "number", "integer", "boolean", "null"], "minLength": 1,
+                  "description": "the label, as text"}
+    upload = {"type": "object", "required": ["image"], "additionalProperties": False,
+              "properties": {"image": {"type": "string", "format": "binary", "contentMediaType": "image/*"},
+                             "k": form_k, "label": form_label}}
+    return {"required": True, "content": {"multipart/form-data": {"schema": upload},
+                                          "application/json": {"schema": json_query}}}
+
+
+K_PATTERN = r"^[1-9][0-9]{0,8}$"  # a form's k: ASCII digits, no sign, no leading zero
+
+
 def _k(value) -> int:
-    """A form's k: ASCII digits only (int() would also take "+10", "1_0" and full-width digits)."""
-    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,9}", value.strip()):
+    """A form's k: ASCII digits only (int() would also take "+10", "1_0", " 10" and full-width digits)."""
+    if isinstance(value, str) and re.fullmatch(K_PATTERN, value):
         k = int(value)
     elif isinstance(value, int) and not isinstance(value, bool):
         k = value

@@ -18,8 +18,8 @@ function status(text, isError = false) {
 
 function params() {
   const k = Math.max(1, Math.min(100, parseInt($("k").value, 10) || 12));
-  const label = $("label").value || null;
-  return { k, label };
+  const label = $("label").value;
+  return label ? { k, label } : { k };  // a field is given or left out, never null
 }
 
 async function start() {

@@ -1,0 +1,44 @@
+"""The API description is what the server does: a bounded schemathesis run, every check, on the real server.
+
+Requests are generated from ``/openapi.json`` (a fixed seed, tens of examples per operation, a time limit)
+and every answer is checked against it: documented status codes and content types, the response shapes,
+and that requests valid by the description are accepted (see ``schemathesis.toml`` for the statuses an
+upload that is not an image may get).  Negative mode (requests the description rules out) is not run:
+a multipart form carries text only, so several "invalid" values (a number or an empty list as a label)
+reach the server exactly as valid ones do.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from serve_data import build
+from test_serve_cli import free_port, start, stop, wait_ready
+
+CONFIG = Path(__file__).with_name("schemathesis.toml")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model):
+    return build(tmp_path_factory.mktemp("schema"), tiny_model)
+
+
+@pytest.mark.parametrize("token", [None, "t0k"])
+def test_every_answer_matches_the_api_description(served, token):
+    port = free_port()
+    proc = start(str(served.index), "--head", str(served.head), "--port", str(port),
+                 **({"TL_EMBED_TOKEN": token} if token else {}))
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}", token)
+        auth = ["-H", f"Authorization: Bearer {token}"] if token else []
+        r = subprocess.run([str(Path(sys.executable).with_name("st")), "--config-file", str(CONFIG), "run",
+                            f"http://127.0.0.1:{port}/openapi.json", "--checks", "all", "--mode", "positive",
+                            "--max-examples", "25", "--seed", "1", "--max-time", "30", "--no-color", *auth],
+                           capture_output=True, text=True, timeout=240)
+    finally:
+        stop(proc)
+    assert r.returncode == 0, r.stdout[-6000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout.split("SUMMARY")[-1]
