@@ -224,6 +224,28 @@ def test_compaction_waits_for_a_reader_mapping_its_snapshot(tmp_path, monkeypatc
         assert len(r._shards) == 1 and len(r) == 3
 
 
+def read_while_running(proc: subprocess.Popen, path: Path, dim: int) -> tuple[int, list[str]]:
+    """Read the store's embeddings in a loop until ``proc`` exits: (reads, failures seen)."""
+    errors: list[str] = []
+    reads = 0
+    try:
+        while proc.poll() is None:
+            if not (path / "manifest.sqlite").exists():
+                time.sleep(0.01)
+                continue
+            try:
+                with EmbeddingStore.open(path) as s:
+                    x = np.asarray(s.embeddings)
+                    assert x.shape == (len(s), dim) and np.isfinite(x).all()
+                reads += 1
+            except Exception as e:  # noqa: BLE001 - any failure is what the callers look for
+                errors.append(f"{type(e).__name__}: {e}")
+    except BaseException:
+        proc.kill()
+        raise
+    return reads, errors
+
+
 _WRITER = """
 import sys
 import numpy as np
@@ -246,19 +268,8 @@ def test_readers_never_fail_under_continuous_compaction(tmp_path, monkeypatch):
     path = two_shard_store(tmp_path / "s.tle")
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), "150"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    errors: list[str] = []
-    reads = 0
-    try:
-        while proc.poll() is None:
-            try:
-                with EmbeddingStore.open(path) as s:
-                    x = np.asarray(s.embeddings)
-                    assert x.shape == (len(s), 4) and np.isfinite(x).all()
-                reads += 1
-            except Exception as e:  # noqa: BLE001 - any failure is what this test looks for
-                errors.append(f"{type(e).__name__}: {e}")
-    finally:
-        out, err = proc.communicate(timeout=300)
+    reads, errors = read_while_running(proc, path, 4)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and out.strip() == "done", err
     assert not errors, (len(errors), reads, errors[:3])
     assert reads > 50
@@ -269,22 +280,8 @@ def test_readers_never_fail_while_embed_writes_and_compacts(tmp_path, tiny_model
     out = tmp_path / "s.tle"
     proc = subprocess.Popen(embed_cmd(images, out, tiny_model, "--batch-size", "2"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    errors: list[str] = []
-    reads = 0
-    try:
-        while proc.poll() is None:
-            if not (out / "manifest.sqlite").exists():
-                time.sleep(0.01)
-                continue
-            try:
-                with EmbeddingStore.open(out) as s:
-                    x = np.asarray(s.embeddings)
-                    assert x.shape == (len(s), 16) and np.isfinite(x).all()
-                reads += 1
-            except Exception as e:  # noqa: BLE001 - any failure is what this test looks for
-                errors.append(f"{type(e).__name__}: {e}")
-    finally:
-        proc.wait(timeout=300)
+    reads, errors = read_while_running(proc, out, 16)
+    proc.wait(timeout=300)
     assert proc.returncode == 0, proc.stderr.read()
     assert not errors, errors[:3]
     assert reads > 10
