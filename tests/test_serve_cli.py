@@ -152,3 +152,35 @@ def test_a_huge_header_is_431_at_once_and_delays_no_one(served, tmp_path):
     finally:
         err = stop(proc)
     assert "Traceback" not in err
+
+
+def test_malformed_uploads_do_not_flood_the_log(served):
+    """Each malformed multipart part header made python-multipart log a line: 40 of them now make one."""
+    import httpx
+
+    port = free_port()
+    proc = start(str(served.index), "--port", str(port))
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}")
+        body = b'--XX\r\nContent-Dispo\x01sition: form-data; name="image"\r\n\r\nabc\r\n--XX--\r\n'
+        for _ in range(40):
+            r = httpx.post(f"http://127.0.0.1:{port}/search", content=body,
+                           headers={"content-type": "multipart/form-data; boundary=XX"}, timeout=30)
+            assert r.status_code == 400 and "error" in r.json()
+    finally:
+        err = stop(proc)
+    noise = [line for line in err.splitlines() if "invalid character" in line]
+    assert len(noise) == 1, err
+
+
+def test_folded_warnings_say_how_many_were_folded():
+    import logging
+
+    from tl_embed.serve.logs import FoldRepeats
+
+    fold = FoldRepeats(interval=0.2)
+    records = [logging.LogRecord("m", logging.WARNING, __file__, 1, "bad header %d", (i,), None) for i in range(5)]
+    assert [fold.filter(r) for r in records] == [True, False, False, False, False]
+    time.sleep(0.25)
+    last = logging.LogRecord("m", logging.WARNING, __file__, 1, "bad header %d", (5,), None)
+    assert fold.filter(last) and last.getMessage() == "bad header 5 (and 4 more since the last one)"

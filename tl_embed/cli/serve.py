@@ -46,6 +46,7 @@ def cmd_serve(args) -> None:
 
         from ..serve.app import create_app, load_service
         from ..serve.http import BoundedHeadProtocol
+        from ..serve.logs import fold_request_warnings
     except ImportError as e:
         raise TlEmbedError(f"serve needs the 'serve' extra ({e.name} is missing): "
                            "pip install 'tl_embed[serve]'") from None
@@ -64,6 +65,7 @@ def cmd_serve(args) -> None:
     host, port = sock.getsockname()[:2]
     print(f"tl-embed: serving {service.catalog.index.path} ({count(len(service.catalog), 'image')}, "
           f"{count(len(service.heads), 'head')}) at http://{_url_host(host)}:{port}/", file=sys.stderr, flush=True)
+    fold_request_warnings()
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, http=BoundedHeadProtocol)
     # this process only serves: its parallelism is the requests', its cores the runtime's streams;
     # BLAS thread pools (FAISS's exact search) would only spin between the many small searches
