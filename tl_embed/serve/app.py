@@ -23,7 +23,7 @@ from fastapi import Path as FastApiPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, ValidationError, create_model, model_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -151,7 +151,8 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
             form = await request.form(max_files=1, max_fields=8)
             unknown = sorted(set(form.keys()) - {"image", "k", "label"})
             if unknown:
-                raise ApiError(422, f"unknown form field(s) {', '.join(map(repr, unknown))}: send image, k and label")
+                raise ApiError(422, f"unknown form field(s) {', '.join(map(repr, unknown))}: send the image as the "
+                                    "multipart file field 'image', optionally with k and label")
             repeated = sorted(name for name in set(form.keys()) if len(form.getlist(name)) > 1)
             if repeated:
                 raise ApiError(422, f"form field(s) {', '.join(map(repr, repeated))} given more than once")
@@ -207,8 +208,8 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
     request_body = query_body_schema(catalog.index.spec.dim, catalog.metric)
     query_errors = error_responses(400, 404, 413, 415, 422, 503)
 
-    @app.post("/search", openapi_extra={"requestBody": request_body}, responses=query_errors,
-              summary="nearest stored images")
+    @app.post("/search", openapi_extra={"requestBody": request_body}, summary="nearest stored images",
+              response_model=None, responses={200: {"model": search_reply_model(score_name)}, **query_errors})
     async def search(request: Request) -> dict:
         """Neighbours of an uploaded image (multipart ``image``), a stored image (JSON ``id`` or ``path``)
         or an embedding (JSON ``vector``); ``k`` of them, optionally only those labelled ``label``."""
@@ -224,8 +225,8 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
                                 "image": f"/images/{h.id}", "thumbnail": f"/images/{h.id}?size=256"}
                                for r, h in enumerate(hits, 1)]}
 
-    @app.post("/predict", openapi_extra={"requestBody": request_body}, responses=query_errors,
-              summary="labels from each loaded head")
+    @app.post("/predict", openapi_extra={"requestBody": request_body}, summary="labels from each loaded head",
+              response_model=None, responses={200: {"model": PredictReply}, **query_errors})
     async def predict(request: Request) -> dict:
         """Top-``k`` labels with probabilities from every head; ``unknown`` when the top probability is
         below the service's ``--min-confidence``.  Takes the same query forms as ``/search``."""
@@ -257,11 +258,11 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
         return Response(catalog.thumbnail(image_id, size), media_type="image/jpeg", headers=cache)
 
     @app.head("/healthz", include_in_schema=False)
-    @app.get("/healthz", summary="liveness")
+    @app.get("/healthz", summary="liveness", response_model=None, responses={200: {"model": HealthReply}})
     def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/info", summary="what is loaded")
+    @app.get("/info", summary="what is loaded", response_model=None, responses={200: {"model": InfoReply}})
     def info() -> dict:
         """Backbone, counts, index type and its measured recall, heads, batching statistics."""
         idx = catalog.index
@@ -293,6 +294,62 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return Guard(app, token, max_upload)
+
+
+class _Reply(BaseModel):
+    """What a route answers, for the API description (the routes build the JSON themselves)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NeighbourBase(_Reply):
+    rank: int
+    id: int
+    path: str  # relative to the store's image root
+    label: str | None
+    image: str
+    thumbnail: str
+
+
+class LabelProbability(_Reply):
+    label: str
+    probability: float
+
+
+class Prediction(_Reply):
+    head: str
+    label: str  # "unknown" below --min-confidence
+    confidence: float
+    top: list[LabelProbability]
+
+
+class PredictReply(_Reply):
+    query: dict[str, Any]
+    min_confidence: float
+    predictions: list[Prediction]
+
+
+class HealthReply(_Reply):
+    status: str
+
+
+class InfoReply(_Reply):
+    version: str
+    backbone: str
+    spec: dict[str, Any]
+    runtime: str
+    index: dict[str, Any]
+    store: dict[str, Any]
+    heads: list[dict[str, Any]]
+    min_confidence: float
+    batching: dict[str, Any]
+
+
+def search_reply_model(score_name: str) -> type[BaseModel]:
+    """/search's answer; each neighbour's score is named for the metric (similarity or distance)."""
+    neighbour = create_model("Neighbour", __base__=NeighbourBase, **{score_name: (float, ...)})
+    return create_model("SearchReply", __base__=_Reply, query=(dict[str, Any], ...), metric=(str, ...),
+                        took_ms=(float, ...), neighbours=(list[neighbour], ...))
 
 
 class ErrorReply(BaseModel):
