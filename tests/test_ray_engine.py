@@ -76,7 +76,8 @@ def test_ray_store_equals_local_and_reruns_embed_nothing(local_ray, tmp_path, ti
     assert (report.embedded, len(report.failed), report.total) == (18, 2, 18) == (
         local.embedded, len(local.failed), local.total)
     assert {f.path: f.reason for f in report.failed} == {
-        "red/not_an_image.jpg": "not a recognised image format", "blue/empty.png": "empty file (0 bytes)"}
+        "red/not_an_image.jpg": "not a recognised image format (JPEG, PNG, WebP, GIF, BMP or TIFF)",
+        "blue/empty.png": "empty file (0 bytes)"}
     assert report.runtime == local.runtime and len(report.workers) == 2
     assert f"with the {report.runtime} runtime on 2 Ray workers)" in report.text()
     assert "Ray worker" not in local.text()
