@@ -148,7 +148,10 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
     async def parse(request: Request) -> ParsedQuery:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
-            form = await request.form(max_files=1, max_fields=8)
+            try:
+                form = await request.form(max_files=1, max_fields=8)
+            except ValueError as e:  # python-multipart's parse errors; starlette before 0.37 let them through
+                raise ApiError(400, f"malformed multipart body: {e}") from None
             unknown = sorted(set(form.keys()) - {"image", "k", "label"})
             if unknown:
                 raise ApiError(422, f"unknown form field(s) {', '.join(map(repr, unknown))}: send the image as the "
