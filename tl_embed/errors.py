@@ -1,6 +1,15 @@
 """Errors a user can cause and fix; the CLI prints them as one line, never a traceback."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of an exception's message (at most 200 characters), else its type's name.
+
+    Third-party errors (SQLite, OpenVINO, converters) span many lines; a user error is one line.
+    """
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else type(e).__name__
+
+
 class TlEmbedError(Exception):
     """Base class for user-facing errors (bad input, missing file, mismatched store...)."""
 

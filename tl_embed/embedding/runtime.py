@@ -32,7 +32,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from ..cpus import cpu_count
-from ..errors import TlEmbedError
+from ..errors import TlEmbedError, first_line
 from ..tf_quiet import import_tensorflow
 from .backbones import BackboneSpec, LoadedBackbone, keras_cache_dir
 
@@ -332,15 +332,10 @@ def fallback(backbone: LoadedBackbone, name: str, e: Exception, notify: Callable
     if isinstance(e, ImportError):
         why = "openvino is not installed (pip install openvino)"
     else:
-        why = f"openvino could not convert {backbone.spec.name}: {type(e).__name__}: {_first_line(e)}"
+        why = f"openvino could not convert {backbone.spec.name}: {type(e).__name__}: {first_line(e)}"
     if name == "openvino":
         raise TlEmbedError(why) from None
     notify(f"{why}; using the keras runtime")
-
-
-def _first_line(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0][:200] if lines else ""
 
 
 def available_runtimes() -> list[str]:
