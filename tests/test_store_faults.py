@@ -19,7 +19,6 @@ import pytest
 from conftest import COLORS, make_image
 
 from tl_embed.cli import main
-from tl_embed.embedding import store as store_mod
 from tl_embed.embedding.backbones import BackboneSpec
 from tl_embed.embedding.store import EmbeddingStore, ManifestRow
 from tl_embed.errors import StoreDamagedError
@@ -73,11 +72,11 @@ def test_creation_is_all_or_nothing(tmp_path, monkeypatch, fault):
         conn.close()
         raise fault
 
-    monkeypatch.setattr(store_mod.sqlite3, "connect", failing_connect)
+    monkeypatch.setattr(sqlite3, "connect", failing_connect)
     with pytest.raises(type(fault)):
         EmbeddingStore.create(tmp_path / "s.tle", SPEC)
     assert sorted(os.listdir(tmp_path)) == []  # neither the store nor its temp folder
-    monkeypatch.setattr(store_mod.sqlite3, "connect", real_connect)
+    monkeypatch.setattr(sqlite3, "connect", real_connect)
     EmbeddingStore.create(tmp_path / "s.tle", SPEC).close()
     assert EmbeddingStore.open(tmp_path / "s.tle").meta["uid"]
 

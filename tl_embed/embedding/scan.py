@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import TlEmbedError
+from ..kinds import STORE_MANIFEST as MANIFEST
 from .images import is_image_file, not_regular_reason, os_error_reason
-from .store import MANIFEST, Failure
+from .records import Failure
 
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
 
