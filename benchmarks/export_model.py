@@ -67,7 +67,8 @@ def predict_reference(head, paths: list[Path]) -> tuple[np.ndarray, float]:
 
 def bench_format(head, fmt: str, paths: list[Path], ref: np.ndarray, work: Path) -> None:
     from tl_embed.embedding.query import embed_paths
-    from tl_embed.heads.export import export_model, load_export
+    from tl_embed.heads.export import export_model
+    from tl_embed.heads.exported import load_export
 
     try:
         res = export_model(head, fmt, work / f"export-{fmt}")

@@ -15,7 +15,8 @@ from tl_embed.embedding.images import load_image
 from tl_embed.embedding.store import EmbeddingStore
 from tl_embed.errors import TlEmbedError
 from tl_embed.heads import export
-from tl_embed.heads.export import FORMATS, MANIFEST, export_model, load_export
+from tl_embed.heads.export import export_model
+from tl_embed.heads.exported import FORMATS, MANIFEST, load_export
 from tl_embed.heads.fit import fit_head
 from tl_embed.heads.graph import Step
 from tl_embed.heads.head import Head

@@ -20,7 +20,7 @@ from ..embedding.backbones import BackboneSpec
 from ..errors import TlEmbedError
 from .convert import steps_from_pipeline
 from .head import DEFAULT_HEAD, HEADS, Head, check_features
-from .search import TRANSFORMS, search_linear, side_by_side
+from .sweep import TRANSFORMS, search_linear, side_by_side
 
 SEARCH_MAX_SAMPLES = 6000  # hyper-parameters are chosen on at most this many rows, then refit on all
 # log10 C where each linear head's sweep starts (it walks on past a winning edge); also the
