@@ -16,12 +16,12 @@ from tl_embed.embedding.store import EmbeddingStore, ManifestRow
 from tl_embed.errors import TlEmbedError
 from tl_embed.heads.dense import _steps, _train
 from tl_embed.heads.fit import HEADS, fit_head
-from tl_embed.heads.graph import forward
+from tl_embed.heads.graph import Step, forward
 from tl_embed.heads.head import Head
 from tl_embed.heads.metrics import Metrics
 from tl_embed.heads.report import MARGIN, TITLE_SIZE, confusion_png, confusion_title, report_font
-from tl_embed.heads.search import sweep
 from tl_embed.heads.svm import PrimalLinearSVC
+from tl_embed.heads.sweep import sweep
 from tl_embed.heads.training import choose_split, train_from_store
 
 SPEC = BackboneSpec("synthetic", "random", "random", 32, "none", "avg", 64)
@@ -301,3 +301,24 @@ def test_evaluate_scores_held_out_rows_by_default_and_flags_training_rows(tmp_pa
     if not split_store:
         assert main(["evaluate", str(model), str(store)]) == 2
         assert "has changed since the head was trained on it" in capsys.readouterr().err
+
+
+def test_top_orders_truncates_and_says_unknown_below_min_confidence():
+    spec = BackboneSpec("synthetic", "random", "random", 32, "none", "avg", 3)
+    softmax = Step("dense", {"W": np.eye(3), "b": np.zeros(3)}, {"activation": "softmax"})
+    head = Head([softmax], ["a", "b", "c"], spec, "logreg", {})
+    proba = np.array([[0.2, 0.7, 0.1], [0.45, 0.25, 0.3]])
+    X = np.log(proba)  # softmax(log p) = p
+    sure, unsure = head.top(X, k=2, min_confidence=0.5)
+    assert sure.label == "b" and [c for c, _ in sure.top] == ["b", "a"]
+    assert unsure.label == "unknown" and unsure.confidence == pytest.approx(0.45)  # still its top class's
+    assert [c for c, _ in unsure.top] == ["a", "c"]
+    assert all(type(p) is float for _, p in sure.top) and sure.top[0][1] == pytest.approx(0.7)
+    assert [c for c, _ in head.top(X[:1], k=10)[0].top] == ["b", "a", "c"]  # k past the classes: all of them
+    at = unsure.confidence
+    assert head.top(X, min_confidence=at)[1].label == "a"  # exactly at the threshold is confident
+    assert head.top(X, min_confidence=np.nextafter(at, 1))[1].label == "unknown"
+    assert [p.label for p in head.top(X)] == ["b", "a"] and len(head.top(X)[0].top) == 1  # k=1, no threshold
+    assert head.top(np.zeros((0, 3))) == []
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        head.top(X, k=0)

@@ -23,7 +23,7 @@ from .options import (
 # ----------------------------------------------------------------- train
 def register_train(sub) -> None:
     from ..heads.head import DEFAULT_HEAD, HEADS
-    from ..heads.search import TRANSFORMS
+    from ..heads.sweep import TRANSFORMS
 
     p = add_command(sub, "train", "train a classifier head on a store's labelled embeddings",
              "Train a head on the store's labelled rows and report on a held-out part: "
@@ -98,20 +98,17 @@ def register_predict(sub) -> None:
 
 
 def cmd_predict(args) -> None:
-    from ..heads.export import is_export_dir
+    from ..heads.exported import is_export_dir
+    from ..heads.head import top_predictions
 
     if is_export_dir(args.model):
         classes, proba, paths, failed = _predict_exported(args)
     else:
         classes, proba, paths, failed = _predict_head(args)
     k = max(1, min(args.top_k, len(classes)))
-    top = np.argsort(-proba, axis=1)[:, :k]
-    rows = []
-    for i, path in enumerate(paths):
-        preds = [(classes[j], float(proba[i, j])) for j in top[i]]
-        label = preds[0][0] if preds[0][1] >= args.min_confidence else "unknown"
-        rows.append({"path": path, "label": label, "confidence": preds[0][1],
-                     "top": [{"label": c, "probability": round(p, 4)} for c, p in preds]})
+    rows = [{"path": path, "label": pred.label, "confidence": pred.confidence,
+             "top": [{"label": c, "probability": round(p, 4)} for c, p in pred.top]}
+            for path, pred in zip(paths, top_predictions(proba, classes, k, args.min_confidence), strict=True)]
     _print_rows(rows, args.format, k, _display_base(args.inputs))
     for path, reason in failed:
         print(f"tl-embed: skipped {path}: {reason}", file=sys.stderr)
@@ -139,7 +136,7 @@ def _predict_exported(args) -> tuple[list[str], np.ndarray, list[str], list]:
     from ..embedding.query import embed_paths
     from ..embedding.scan import expand_inputs
     from ..errors import TlEmbedError
-    from ..heads.export import load_export
+    from ..heads.exported import load_export
     from ..heads.training import is_store
 
     if any(is_store(i) for i in args.inputs):
@@ -231,7 +228,7 @@ def cmd_evaluate(args) -> None:
 
 # ----------------------------------------------------------- export-model
 def register_export_model(sub) -> None:
-    from ..heads.export import FORMATS
+    from ..heads.exported import FORMATS
 
     p = add_command(sub, "export-model", "export a head with its backbone as one model (images -> probabilities)",
              "Fold the backbone, its preprocessing and the head into one model taking RGB uint8 images "
@@ -249,7 +246,8 @@ def register_export_model(sub) -> None:
 
 
 def cmd_export_model(args) -> None:
-    from ..heads.export import FORMATS, check_format, export_model
+    from ..heads.export import check_format, export_model
+    from ..heads.exported import FORMATS
     from ..heads.head import Head
 
     check_format(args.format)

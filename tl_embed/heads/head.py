@@ -46,6 +46,15 @@ class Head:
     def predict(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.classes, dtype=object)[self.predict_proba(X).argmax(1)]
 
+    def top(self, X: np.ndarray, k: int = 1, min_confidence: float = 0.0) -> list[Prediction]:
+        """One :class:`Prediction` per row of ``X``: its ``k`` most probable classes (at most all of
+        them), and ``unknown`` as the label when the top probability is below ``min_confidence``.
+
+        The one place this decision is made: the service's ``/predict`` calls this, and ``tl-embed
+        predict`` calls :func:`top_predictions` (an exported model has probabilities but no Head).
+        """
+        return top_predictions(self.predict_proba(X), self.classes, k, min_confidence)
+
     def save(self, path: str | os.PathLike) -> None:
         meta = {"head": self.head, "classes": self.classes, "spec": self.spec.to_dict(), "params": self.params,
                 "metrics": self.metrics, "versions": self.versions}
@@ -68,6 +77,39 @@ class Head:
         except (KeyError, TypeError, ValueError) as e:
             raise TlEmbedError(f"{path} is not a readable tl_embed model file (missing or bad {e}): "
                                "train it again") from None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A head's answer for one embedding: ``label`` is the top class, or ``unknown`` when its probability
+    is below the caller's ``min_confidence``; ``top`` is (class, probability) pairs, most probable first."""
+
+    label: str
+    top: list[tuple[str, float]]
+
+    @property
+    def confidence(self) -> float:
+        """The top class's probability (also when the label is ``unknown``)."""
+        return self.top[0][1]
+
+
+UNKNOWN = "unknown"
+
+
+def top_predictions(proba: np.ndarray, classes: list[str], k: int = 1,
+                    min_confidence: float = 0.0) -> list[Prediction]:
+    """:meth:`Head.top` from (N, n_classes) probabilities already computed (an exported model's, too).
+
+    The threshold applies to the exact probability, not to a rounded one shown to the user.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, not {k}")
+    order = np.argsort(-proba, axis=1)[:, :min(k, len(classes))]
+    out = []
+    for row, cols in zip(proba, order, strict=True):
+        top = [(classes[j], float(row[j])) for j in cols]
+        out.append(Prediction(top[0][0] if top[0][1] >= min_confidence else UNKNOWN, top))
+    return out
 
 
 def check_features(X: np.ndarray, dim: int) -> np.ndarray:

@@ -1,0 +1,115 @@
+"""What ``/openapi.json`` says the service answers and takes; the routes build their JSON themselves.
+
+The replies are models only for the description (a schemathesis test checks it against the server),
+and the query body is written out by hand because the routes read it themselves (see ``query.py``).
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, create_model
+
+from .catalog import MAX_K
+from .query import FLOAT32_MAX
+
+
+class _Reply(BaseModel):
+    """What a route answers, for the API description (the routes build the JSON themselves)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NeighbourBase(_Reply):
+    rank: int
+    id: int
+    path: str  # relative to the store's image root
+    label: str | None
+    image: str
+    thumbnail: str
+
+
+class LabelProbability(_Reply):
+    label: str
+    probability: float
+
+
+class Prediction(_Reply):
+    head: str
+    label: str  # "unknown" below --min-confidence
+    confidence: float
+    top: list[LabelProbability]
+
+
+class PredictReply(_Reply):
+    query: dict[str, Any]
+    min_confidence: float
+    predictions: list[Prediction]
+
+
+class HealthReply(_Reply):
+    status: str
+
+
+class InfoReply(_Reply):
+    version: str
+    backbone: str
+    spec: dict[str, Any]
+    runtime: str
+    index: dict[str, Any]
+    store: dict[str, Any]
+    heads: list[dict[str, Any]]
+    min_confidence: float
+    batching: dict[str, Any]
+
+
+def search_reply_model(score_name: str) -> type[BaseModel]:
+    """/search's answer; each neighbour's score is named for the metric (similarity or distance)."""
+    neighbour = create_model("Neighbour", __base__=NeighbourBase, **{score_name: (float, ...)})
+    return create_model("SearchReply", __base__=_Reply, query=(dict[str, Any], ...), metric=(str, ...),
+                        took_ms=(float, ...), neighbours=(list[neighbour], ...))
+
+
+def score_name(metric: str) -> str:
+    """A neighbour's score is a similarity for cosine, a distance otherwise."""
+    return "similarity" if metric == "cosine" else "distance"
+
+
+class ErrorReply(BaseModel):
+    """Every error the service answers: one line saying what went wrong and what to do."""
+
+    error: str
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI entries for the error statuses a route answers, all with the one error shape."""
+    return {status: {"model": ErrorReply, "description": HTTPStatus(status).phrase} for status in statuses}
+
+
+QUERY_ERRORS = error_responses(400, 404, 413, 415, 422, 503)  # what /search and /predict may answer
+
+
+def query_body_schema(dim: int, metric: str) -> dict:
+    """The request body of /search and /predict as the server takes it: a multipart upload, or JSON
+    with exactly one of id, path or vector (a vector of ``dim`` float32 numbers; for cosine not all 0)."""
+    vector: dict[str, Any] = {"type": "array", "minItems": dim, "maxItems": dim,
+                              "items": {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}}
+    if metric == "cosine":
+        vector["not"] = {"items": {"const": 0}}
+    k = {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10}
+    label = {"type": "string", "minLength": 1}
+    json_query = {"type": "object", "additionalProperties": False,
+                  "properties": {"id": {"type": "integer", "minimum": 0}, "path": {"type": "string", "minLength": 1},
+                                 "vector": vector, "k": k, "label": label},
+                  "oneOf": [{"required": ["id"]}, {"required": ["path"]}, {"required": ["vector"]}]}
+    # a form carries text only: a number sent as k or label arrives as its digits, and is taken as such
+    form_k = {"type": ["integer", "string"], "minimum": 1, "maximum": MAX_K, "default": 10,
+              "pattern": f"^([1-9][0-9]{{0,{len(str(MAX_K)) - 2}}}|{MAX_K})$"}  # MAX_K is a power of ten
+    form_label = {"type": ["string", "number", "integer", "boolean", "null"], "minLength": 1,
+                  "description": "the label, as text"}
+    upload = {"type": "object", "required": ["image"], "additionalProperties": False,
+              "properties": {"image": {"type": "string", "format": "binary", "contentMediaType": "image/*"},
+                             "k": form_k, "label": form_label}}
+    return {"required": True, "content": {"multipart/form-data": {"schema": upload},
+                                          "application/json": {"schema": json_query}}}
