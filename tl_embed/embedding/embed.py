@@ -9,12 +9,9 @@ unless the user says ``prune``.
 from __future__ import annotations
 
 import os
-import sys
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +20,17 @@ from ..cpus import cpu_count
 from ..errors import StoreDamagedError, StoreError, StoreReadOnlyError, TlEmbedError
 from ..wording import count
 from .backbones import (
-    BackboneSpec,
     LoadedBackbone,
     check_compatible,
     check_model_options,
     load_backbone,
 )
-from .images import DecodedImage, ImageDecodeError, load_image
+from .decode import decode_in_order
+from .images import ImageDecodeError
 from .ray_engine import RayOptions, embed_with_ray
 from .runtime import Runtime, make_runtime, stream
 from .scan import ImageFile, Scan, is_utf8, scan
+from .sink import EmbedReport, StoreSink
 from .store import MANIFEST, EmbeddingStore, Failure, ManifestRow
 from .tta import backbone_with_tta, check_tta, with_tta
 
@@ -86,62 +84,6 @@ def check_prune(store: EmbeddingStore, p: Plan, root: Path) -> None:
         raise TlEmbedError(f"this run would remove {p.lost} of the {total} embeddings in {store.path} "
                            f"(their images are gone from {root} or no longer readable); nothing was changed. "
                            "If the folder is complete and mounted, run again with --prune to remove them")
-
-
-@dataclass
-class EmbedReport:
-    store: Path
-    spec: BackboneSpec | None
-    embedded: int = 0
-    unchanged: int = 0  # includes files whose mtime changed but content did not
-    removed: int = 0
-    failed: list[Failure] = field(default_factory=list)
-    unreadable: dict[str, str] = field(default_factory=dict)  # folders not read; their embeddings kept
-    seconds: float = 0.0
-    embed_seconds: float = 0.0  # decode + inference only, excluding model loading
-    total: int = 0
-    interrupted: bool = False
-    runtime: str | None = None  # which runtime ran the model, when one was needed
-    repaired: int = 0  # rows forgotten because their shard was lost (embedded again in this run)
-    workers: set[str] = field(default_factory=set)  # ray engine: the actors (host:pid) that embedded images
-
-    def record_skipped(self, store: EmbeddingStore, failures: list[Failure],
-                       touched: list[tuple[str, int, int]]) -> None:
-        """Commit a batch's failures and touched-but-unchanged files together, and count them (both engines)."""
-        if failures:
-            store.record_failures(failures)
-            self.failed.extend(failures)
-        if touched:
-            store.touch(touched)
-            self.unchanged += len(touched)
-
-    def text(self) -> str:
-        n = len(self.workers)
-        on = f" on {n} Ray worker{'s' if n != 1 else ''}" if n else ""
-        rate = (f" ({self.embedded / self.embed_seconds:.1f} images/s with the {self.runtime} runtime{on})"
-                if self.embedded and self.embed_seconds else "")
-        parts = [f"{self.embedded} embedded{rate}", f"{self.unchanged} unchanged (skipped)"]
-        if self.removed:
-            parts.append(f"{self.removed} removed (deleted from the folder)")
-        parts.append(f"{len(self.failed)} failed")
-        if self.repaired:
-            parts.append(f"{self.repaired} lost to a damaged shard (forgotten, so embedded again)")
-        head = "Interrupted: " if self.interrupted else "Done: "
-        msg = (f"{head}{', '.join(parts)} in {self.seconds:.1f} s. Store {self.store} holds "
-               f"{self.total} embeddings")
-        msg += f" from {self.spec.describe()}." if self.spec else "."
-        if self.interrupted:
-            msg += " Everything committed so far is kept; run the same command again to continue."
-        if self.failed:
-            shown = "; ".join(f"{f.path}: {f.reason}" for f in self.failed[:10])
-            more = f"; and {len(self.failed) - 10} more (`tl-embed info`)" if len(self.failed) > 10 else ""
-            msg += f" Failed: {shown}{more}."
-        if self.unreadable:
-            shown = "; ".join(f"{k}: {v}" for k, v in list(self.unreadable.items())[:10])
-            more = f"; and {len(self.unreadable) - 10} more" if len(self.unreadable) > 10 else ""
-            msg += (f" Could not read {len(self.unreadable)} of its folders and links (anything the store holds "
-                    f"under them is kept): {shown}{more}.")
-        return msg
 
 
 def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str = "mobilenet_v2",
@@ -203,11 +145,13 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
             store.record_failures(p.new_failures)
             report.failed.extend(p.new_failures)
         if backbone is not None:
-            if engine == "ray":
-                _run_ray(p.todo, store, backbone, runtime, batch_size, ray or RayOptions(workers=workers), report,
-                         progress)
-            else:
-                _run(p.todo, store, backbone, runtime, batch_size, workers, report, progress)
+            report.spec = backbone.spec
+            desc = "embedding (ray)" if engine == "ray" else "embedding"
+            with StoreSink(store, p.todo, report, progress, desc) as sink:
+                if engine == "ray":
+                    embed_with_ray(p.todo, sink, backbone, runtime, batch_size, ray or RayOptions(workers=workers))
+                else:
+                    _run(p.todo, sink, backbone, runtime, batch_size, workers)
         if not report.interrupted and store.writable:
             store.consolidate()
         store.refresh()
@@ -250,25 +194,17 @@ def _nothing_found(root: Path, found: Scan) -> str:
     return msg
 
 
-def _run(todo: list[ImageFile], store: EmbeddingStore, backbone: LoadedBackbone, runtime: str, batch_size: int,
-         workers: int | None, report: EmbedReport, progress: bool) -> None:
-    """Embed ``todo`` into ``store``; Ctrl-C ends the run early, keeping every committed batch."""
-    report.spec = backbone.spec
+def _run(todo: list[ImageFile], sink: StoreSink, backbone: LoadedBackbone, runtime: str, batch_size: int,
+         workers: int | None) -> None:
+    """Embed ``todo`` into the sink's store; Ctrl-C ends the run early, keeping every committed batch."""
     run = with_tta(make_runtime(backbone, runtime), backbone.spec.tta)
-    report.runtime = run.name
+    sink.report.runtime = run.name
     t_embed = time.perf_counter()
     try:
-        _embed_files(todo, store, run, backbone.spec.input_size, batch_size, workers or cpu_count(), report,
-                     progress)
+        _embed_files(todo, sink, run, backbone.spec.input_size, batch_size, workers or cpu_count())
     except KeyboardInterrupt:
-        report.interrupted = True
-    report.embed_seconds = time.perf_counter() - t_embed
-
-
-def _run_ray(todo: list[ImageFile], store: EmbeddingStore, backbone: LoadedBackbone, runtime: str,
-             batch_size: int, options: RayOptions, report: EmbedReport, progress: bool) -> None:
-    report.spec = backbone.spec
-    embed_with_ray(todo, store, backbone, runtime, batch_size, options, report, progress)
+        sink.report.interrupted = True
+    sink.report.embed_seconds = time.perf_counter() - t_embed
 
 
 def _check_same_source(store: EmbeddingStore, root: Path, model: str, pooling: str, tta: str) -> None:
@@ -286,75 +222,26 @@ def _check_same_source(store: EmbeddingStore, root: Path, model: str, pooling: s
                          f"update it with --tta {store.spec.tta}, or use a new --out (settings are never mixed)")
 
 
-_Result = tuple[ImageFile, "DecodedImage | ImageDecodeError"]
-
-
-def decode_in_order(todo: list[ImageFile], size: int, workers: int, lookahead: int) -> Iterator[_Result]:
-    """Decode in a thread pool (Pillow releases the GIL), in order, at most ``lookahead`` ahead."""
-
-    def work(f: ImageFile) -> _Result:
-        try:
-            return f, load_image(f.path, size)
-        except ImageDecodeError as e:
-            return f, e
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        pending: deque[Future] = deque()
-        it = iter(todo)
-        try:
-            for f in it:
-                pending.append(pool.submit(work, f))
-                if len(pending) >= lookahead:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for fut in pending:
-                fut.cancel()
-
-
-def _embed_files(todo: list[ImageFile], store: EmbeddingStore, run: Runtime, size: int, batch_size: int,
-                 workers: int, report: EmbedReport, progress: bool) -> None:
+def _embed_files(todo: list[ImageFile], sink: StoreSink, run: Runtime, size: int, batch_size: int,
+                 workers: int) -> None:
     """Decode -> batch -> runtime -> store; each batch is committed as soon as its vectors are back."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), unit="img", desc="embedding", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
-    failures: list[Failure] = []
-    touched: list[tuple[str, int, int]] = []
-    previous = {f.rel: row for f in todo if (row := store.row_for(f.rel))}  # read once, not after every commit
-
-    def record_skipped() -> None:
-        report.record_skipped(store, failures, touched)
-        bar.update(len(failures) + len(touched))
-        failures.clear(), touched.clear()
 
     def batches() -> Iterator[tuple[list[ManifestRow], np.ndarray]]:
         pixels: list[np.ndarray] = []
         rows: list[ManifestRow] = []
         for f, result in decode_in_order(todo, size, workers, lookahead=2 * batch_size):
             if isinstance(result, ImageDecodeError):
-                failures.append(Failure(f.rel, result.reason, f.size, f.mtime_ns))
-                continue
-            old = previous.get(f.rel)
-            if old and old.sha256 == result.sha256 and (old.label, old.split) == (f.label, f.split):
-                touched.append((f.rel, f.size, f.mtime_ns))  # touched, not changed
-                continue
-            pixels.append(result.pixels)
-            rows.append(ManifestRow(f.rel, f.label, f.split, result.sha256, f.size, f.mtime_ns,
-                                    result.width, result.height))
+                sink.sort(f, reason=result.reason)
+            elif row := sink.sort(f, sha256=result.sha256, width=result.width, height=result.height):
+                pixels.append(result.pixels)
+                rows.append(row)
             if len(rows) >= batch_size:
-                record_skipped()
+                sink.flush()
                 yield rows, np.stack(pixels)
                 pixels, rows = [], []
-        record_skipped()
+        sink.flush()
         if rows:
             yield rows, np.stack(pixels)
 
-    try:
-        for rows, vectors in stream(run, batches()):
-            store.add(rows, vectors)
-            report.embedded += len(rows)
-            bar.update(len(rows))
-    finally:
-        bar.close()
+    for rows, vectors in stream(run, batches()):
+        sink.add(rows, vectors)

@@ -12,7 +12,7 @@ import numpy as np
 from ..cpus import cpu_count
 from ..errors import TlEmbedError
 from .backbones import BackboneSpec, check_compatible, load_backbone
-from .embed import decode_in_order
+from .decode import decode_in_order
 from .images import ImageDecodeError
 from .runtime import OpenVINORuntime, Runtime, check_runtime, make_runtime, stream
 from .scan import ImageFile, expand_inputs

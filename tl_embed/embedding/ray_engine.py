@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from .backbones import BackboneSpec, LoadedBackbone
 from .images import ImageDecodeError, load_image
 from .runtime import KerasRuntime, OpenVINORuntime, Runtime, check_runtime, fallback, load_or_convert, stream
 from .scan import ImageFile
-from .store import EmbeddingStore, Failure, ManifestRow
+from .sink import StoreSink
 from .tta import with_tta
 
 ACTORS_START_S = 600  # all actors up before any work (a pool that cannot start is an error, not a hang)
@@ -204,24 +203,23 @@ def default_workers(total: float, per_worker: float) -> int:
     return max(1, int(total // per_worker))
 
 
-def embed_with_ray(todo: list[ImageFile], store: EmbeddingStore, backbone: LoadedBackbone, runtime: str,
-                   batch_size: int, options: RayOptions, report, progress: bool) -> None:
-    """Embed ``todo`` on Ray actors; each batch is committed on the driver as it streams back.
+def embed_with_ray(todo: list[ImageFile], sink: StoreSink, backbone: LoadedBackbone, runtime: str,
+                   batch_size: int, options: RayOptions) -> None:
+    """Embed ``todo`` on Ray actors; each batch is committed on the driver, through ``sink``, as it streams back.
 
     Ctrl-C (or a killed driver) loses only the batches in flight: the next run's plan continues.
     """
     ray = import_ray()
+    report = sink.report
     with ThreadPoolExecutor(1, thread_name_prefix="convert") as pool:
-        converting = pool.submit(ship_model, backbone, runtime)  # overlaps Ray's start-up (~5 s on 2 cores)
+        converting = pool.submit(ship_model, backbone, runtime)  # overlaps Ray's start-up
         started = start_ray(options.address)
     try:
         shipped = converting.result()
         report.runtime = shipped.kind
-        files = {f.rel: f for f in todo}
-        previous = {f.rel: row for f in todo if (row := store.row_for(f.rel))}  # read once, not per commit
         t0 = time.perf_counter()
         try:
-            _stream(ray, todo, files, previous, store, shipped, batch_size, options, report, progress)
+            _stream(ray, todo, sink, shipped, batch_size, options)
         except KeyboardInterrupt:
             report.interrupted = True
         report.embed_seconds = time.perf_counter() - t0
@@ -230,25 +228,17 @@ def embed_with_ray(todo: list[ImageFile], store: EmbeddingStore, backbone: Loade
             ray.shutdown()
 
 
-def _stream(ray, todo: list[ImageFile], files: dict[str, ImageFile], previous: dict[str, ManifestRow],
-            store: EmbeddingStore, shipped: ShippedModel, batch_size: int, options: RayOptions, report,
-            progress: bool) -> None:
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), unit="img", desc="embedding (ray)", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+def _stream(ray, todo: list[ImageFile], sink: StoreSink, shipped: ShippedModel, batch_size: int,
+            options: RayOptions) -> None:
     try:
         for batch in dataset(ray, todo, shipped, batch_size, options).iter_batches(batch_size=None,
                                                                                    batch_format="numpy"):
             check_model(batch, shipped.fingerprint)
-            commit(batch, files, previous, store, report)
-            report.workers.update(batch["worker"])
-            bar.update(len(batch["rel"]))
+            commit(batch, sink)
+            sink.report.workers.update(batch["worker"])
     except ray.exceptions.GetTimeoutError:
         raise TlEmbedError(f"Ray could not start the workers within {ACTORS_START_S} s: the cluster lacks the CPUs "
                            "or memory; use fewer --workers or a smaller --cpus-per-worker") from None
-    finally:
-        bar.close()
 
 
 def dataset(ray, todo: list[ImageFile], shipped: ShippedModel, batch_size: int, options: RayOptions):
@@ -276,22 +266,14 @@ def check_model(batch: dict[str, np.ndarray], expected: str) -> None:
         raise RuntimeError(f"a Ray worker ran model {set(batch['model'])}, not the driver's {expected}")
 
 
-def commit(batch: dict[str, np.ndarray], files: dict[str, ImageFile], previous: dict[str, ManifestRow],
-           store: EmbeddingStore, report) -> None:
-    """Record one batch as the local engine does: failures with reasons, touched-but-unchanged, new rows."""
-    rows, keep, failures, touched = [], [], [], []
+def commit(batch: dict[str, np.ndarray], sink: StoreSink) -> None:
+    """Sort one batch of the actors' results into the store, by the same rule as the local engine."""
+    rows, keep = [], []
     for i, rel in enumerate(batch["rel"]):
-        f, reason, sha = files[rel], batch["reason"][i], batch["sha256"][i]
-        old = previous.get(rel)
-        if reason:
-            failures.append(Failure(rel, reason, f.size, f.mtime_ns))
-        elif old and old.sha256 == sha and (old.label, old.split) == (f.label, f.split):
-            touched.append((rel, f.size, f.mtime_ns))  # touched, not changed
-        else:
-            rows.append(ManifestRow(rel, f.label, f.split, sha, f.size, f.mtime_ns,
-                                    int(batch["width"][i]), int(batch["height"][i])))
+        row = sink.sort(sink.files[rel], reason=batch["reason"][i], sha256=batch["sha256"][i],
+                        width=int(batch["width"][i]), height=int(batch["height"][i]))
+        if row is not None:
+            rows.append(row)
             keep.append(i)
-    report.record_skipped(store, failures, touched)
-    if rows:
-        store.add(rows, batch["vector"][keep])
-        report.embedded += len(rows)
+    sink.flush()
+    sink.add(rows, batch["vector"][keep])
