@@ -67,7 +67,7 @@ def test_help_shows_only_defaults_worth_showing(capsys):
     """No '(default: None)' on a required --out, no second default where the help states one."""
     from tl_embed.cli.main import build_parser
 
-    commands = build_parser()._subparsers._group_actions[0].choices
+    commands = build_parser().commands
     for name, parser in commands.items():
         text = parser.format_help()
         assert "(default: None)" not in text and "(default: False)" not in text, name

@@ -6,22 +6,20 @@ read-only folder, a permission, a damaged SQLite file) become one line on stderr
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import sqlite3
 import sys
 import warnings
 
-from .. import __version__
 from ..errors import TlEmbedError
-from .options import check_kinds, check_out_folder
-
-EPILOG = "Run `tl-embed COMMAND --help` for a command's options. Docs: README.md."
+from . import pipeline
+from .parser import Parser, dispatch
+from .parser import build_parser as stage_parser
 
 
 def main(argv: list[str] | None = None, raise_errors: bool = False) -> int:
-    """Entry point; ``raise_errors`` lets a caller (the pipeline runner) see user errors itself."""
+    """Entry point; ``raise_errors`` lets a caller (a test, a script) see user errors itself."""
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.formatwarning = _one_line_warning
@@ -29,9 +27,7 @@ def main(argv: list[str] | None = None, raise_errors: bool = False) -> int:
         parser.print_help()
         return 2
     try:
-        check_out_folder(getattr(args, "out", None))
-        check_kinds(args)
-        return args.func(args) or 0
+        return dispatch(args)
     except TlEmbedError as e:
         if raise_errors:
             raise
@@ -81,32 +77,6 @@ def system_error_text(e: OSError | sqlite3.Error) -> str:
     return f"{where}: {hint}"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line (what is wrong, where to look), like every other error."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="tl-embed", epilog=EPILOG,
-        description="Transfer learning without a GPU: embed images once with a frozen ImageNet "
-                    "backbone, then train classifier heads and search with FAISS in seconds.")
-    p.add_argument("--version", action="version", version=f"tl-embed {__version__}")
-    sub = p.add_subparsers(title="commands", metavar="COMMAND")
-    for register in _commands():
-        register(sub)
-    return p
-
-
-
-
-def _commands() -> list:
-    from . import embedding, heads, pipeline, search, serve
-
-    return [embedding.register_models, embedding.register_embed, embedding.register_info,
-            embedding.register_export, heads.register_train, heads.register_predict,
-            heads.register_evaluate, heads.register_export_model, heads.register_classify, search.register_index,
-            search.register_search, search.register_dedup, serve.register_serve, pipeline.register_run]
-
+def build_parser() -> Parser:
+    """Every command: the stages' and ``run``, which chains them."""
+    return stage_parser(extra=[pipeline.register_run])

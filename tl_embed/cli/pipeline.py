@@ -38,6 +38,7 @@ from pathlib import Path
 from ..errors import TlEmbedError, WeightsUnavailableError
 from ..wording import count
 from .options import add_command
+from .parser import build_parser, dispatch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -161,10 +162,8 @@ def _check_out_folder(argv: list[str], outputs: list[Path], name: str, error) ->
 
 def _check_command(argv: list[str], name: str, error) -> None:
     """Let the real CLI parser judge the step's command line, without running it."""
-    from .main import build_parser
-
-    parser = build_parser()
-    if argv[0] in ("run",) or argv[0] not in parser._subparsers._group_actions[0].choices:
+    parser = build_parser()  # the stage commands: a step cannot be ``run`` itself
+    if argv[0] not in parser.commands:
         raise error(f"step {name!r}: unknown command {argv[0]!r}; expected a tl-embed command "
                     "(embed, train, evaluate, predict, index, search, dedup, ...)")
     stderr = io.StringIO()
@@ -234,8 +233,6 @@ def _up_to_date(step: Step, stamps: dict) -> bool:
 
 def run(pipeline: Pipeline, dry_run: bool = False, echo=print) -> int:
     """Run the steps in order; returns the number of steps that ran."""
-    from .main import main as cli_main
-
     stamp_path = pipeline.stamp_dir / STAMP_FILE
     stamps = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
     ran = 0
@@ -253,7 +250,7 @@ def run(pipeline: Pipeline, dry_run: bool = False, echo=print) -> int:
         for p in step.outputs:
             p.parent.mkdir(parents=True, exist_ok=True)
         try:
-            code = cli_main(step.argv, raise_errors=True)
+            code = dispatch(build_parser().parse_args(step.argv))
         except WeightsUnavailableError as e:
             raise TlEmbedError(f"{e} (in a pipeline: --set weights=none)") from None
         if code:
