@@ -61,7 +61,7 @@ def brute_force_groups(x, threshold):
 
 
 def test_auto_picks_ann_above_exact_max_and_finds_planted_groups(tmp_path, monkeypatch):
-    x, groups = planted(dedup.EXACT_MAX + 1, 32)
+    x, groups = planted(dedup.EXACT_PAIRS_MAX + 1, 32)
     store = make_store(tmp_path / "s.tle", x)
     monkeypatch.setattr(dedup, "_exact_pairs", lambda *a: pytest.fail("auto took the exact path"))
     found = find_duplicates(store, 0.99)

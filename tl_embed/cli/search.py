@@ -113,7 +113,7 @@ def cmd_search(args) -> None:
 
 
 def register_dedup(sub) -> None:
-    from ..search.dedup import EXACT_MAX, MODES
+    from ..search.dedup import EXACT_PAIRS_MAX, MODES
 
     p = add_command(sub, "dedup", "report groups of near-duplicate images in a store",
                     "Report groups of near-duplicate images: pairs of embeddings at or above a cosine "
@@ -124,7 +124,7 @@ def register_dedup(sub) -> None:
     p.add_argument("--threshold", type=fraction, default=0.95, help="cosine similarity for duplicates")
     p.add_argument("--mode", choices=MODES, default="auto",
                    help=f"exact: all pairs; ann: each image's -k nearest neighbours as candidates; "
-                        f"auto: exact up to {EXACT_MAX:,} images, ann beyond")
+                        f"auto: exact up to {EXACT_PAIRS_MAX:,} images, ann beyond")
     p.add_argument("-k", type=positive_int, default=10,
                    help="ann: neighbours checked per image (raise it for groups larger than k+1)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")

@@ -2,7 +2,7 @@
 
 The ladder for ``--type auto`` (dimension d, N vectors, bytes per vector in brackets):
 
-1. ``Flat`` (4d) while exact search is fast (N <= EXACT_MAX) and fits the budget;
+1. ``Flat`` (4d) while exact search is fast (N <= FLAT_MAX) and fits the budget;
 2. ``IVF{nlist},Flat`` (4d + 8) beyond;
 3. ``IVF{nlist},SQfp16`` (2d + 8): half the memory, answers indistinguishable from Flat;
 4. ``IVF{nlist},SQ8`` (d + 8) with re-ranking: 8-bit codes pick a shortlist, whose full-precision
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 from ..errors import TlEmbedError
 
-# up to here exact search answers one query in about 10 ms on 2 cores (it reads all N x d floats:
-# 5.7 ms at 10k, 61 ms at 100k in benchmarks/index_search.py)
-EXACT_MAX = 20_000
+# an index stays exact (Flat) up to this many vectors: a query reads all N x d floats, which is still
+# about 10 ms per query at this size (benchmarks/index_search.py); beyond it an approximate index pays off
+FLAT_MAX = 20_000
 DEFAULT_MAX_MEMORY = 2e9
 POINTS_PER_LIST = 39  # FAISS wants >= 39 training points per IVF list
 TYPES = ("auto", "flat", "ivf", "sqfp16", "sq8", "pq", "opq", "hnsw", "ivfpq")
@@ -90,7 +90,7 @@ def choose(n: int, dim: int, kind: str = "auto", max_memory: float | None = None
 
 def _auto(n: int, dim: int, max_memory: float | None) -> str:
     budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
-    if n <= EXACT_MAX and memory_of("Flat", n, dim) <= budget:
+    if n <= FLAT_MAX and memory_of("Flat", n, dim) <= budget:
         return "Flat"
     nlist = nlist_for(n)
     ladder = [f"IVF{nlist},Flat", f"IVF{nlist},SQfp16", f"IVF{nlist},SQ8"]

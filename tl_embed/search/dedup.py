@@ -27,10 +27,10 @@ import numpy as np
 
 from ..embedding.store import EmbeddingStore
 from ..errors import TlEmbedError
-from .index import load_faiss, prepare_vectors
+from .build import load_faiss, prepare_vectors
 
 MODES = ("auto", "exact", "ann")
-EXACT_MAX = 10_000  # auto: exact all-pairs search up to this many vectors, ANN candidates beyond
+EXACT_PAIRS_MAX = 10_000  # auto: exact all-pairs (N^2) comparison up to this many vectors, ANN candidates beyond
 REDUCED_DIM = 128  # ANN candidates are searched in this many PCA dimensions
 NPROBE = 16  # IVF lists searched per vector
 TRAIN_PER_LIST = 16  # k-means training points per IVF list (coarse lists need few)
@@ -42,7 +42,7 @@ Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]  # (i, j, cosine) with i < j, 
 
 
 def find_duplicates(store_path: str | os.PathLike, threshold: float = 0.95, mode: str = "auto", k: int = 10,
-                    exact_max: int = EXACT_MAX, progress: bool = False) -> list[list[tuple[str, float]]]:
+                    exact_max: int = EXACT_PAIRS_MAX, progress: bool = False) -> list[list[tuple[str, float]]]:
     """Groups of near-duplicate images (cosine >= threshold), largest first.
 
     ``mode``: ``exact`` (all pairs), ``ann`` (each vector's ``k`` nearest neighbours as candidates,

@@ -28,12 +28,12 @@ from ..errors import IndexDamagedError, TlEmbedError
 from ..wording import count
 from . import storage, tuning
 from .build import add_positions, build_streaming, can_remove, faiss_errors, load_faiss, prepare_vectors
-from .choose import EXACT_MAX, TYPES, advice, choose, human_size  # noqa: F401 - part of this module's API
+from .choose import FLAT_MAX, TYPES, advice, choose, human_size  # noqa: F401 - part of this module's API
+from .rerank import Reranker
 from .storage import DATA_FILE, HEADER, MAGIC, IdTable, lookup
 
 METRICS = ("cosine", "l2")
 TARGET_RECALL = 0.95
-RERANK_BLOCK = 64  # queries re-ranked together (their shortlists' vectors in RAM at once)
 
 __all__ = ["DATA_FILE", "HEADER", "MAGIC", "Index", "SearchHit", "choose_factory", "load_faiss",
            "prepare_vectors", "without_self"]
@@ -52,61 +52,10 @@ class SearchHit:
     id: int = -1  # the store's id of the image
 
 
-class _Reranker:
-    """The store's full-precision vectors by id, read from its memory maps (no copy in RAM).
-
-    The store is opened read-only only to load its id -> shard/row table, then closed: its shards
-    stay mapped, so re-ranking reads just the shortlist's rows (from the page cache once warm).
-    """
-
-    def __init__(self, store: EmbeddingStore):
-        self.store = store
-        self.ids = store.ids
-        self.order = np.argsort(self.ids, kind="stable")
-
-    @classmethod
-    def open(cls, meta: dict, index_path: Path) -> _Reranker:
-        try:
-            store = EmbeddingStore.open(meta["store"], "r")
-        except TlEmbedError as e:
-            raise TlEmbedError(f"index {index_path} re-ranks against its store {meta['store']}, which cannot be "
-                               f"opened: {e}") from None
-        with store:
-            if meta.get("store_uid") not in (None, store.uid):
-                raise TlEmbedError(f"index {index_path} re-ranks against {meta['store']}, which is now another "
-                                   "store; rebuild the index")
-            return cls(store)
-
-    def rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int, metric: str):
-        """(scores, ids) of the best k of each query's candidates, scored on full-precision vectors.
-
-        Candidates the store no longer holds (removed since the index was built) are dropped.
-        """
-        worst = -np.inf if metric == "cosine" else np.inf
-        scores = np.full((len(queries), k), worst, np.float32)
-        ids = np.full((len(queries), k), -1, np.int64)
-        for b in range(0, len(queries), RERANK_BLOCK):
-            cand = candidates[b:b + RERANK_BLOCK]
-            uniq, inv = np.unique(cand, return_inverse=True)
-            pos = lookup(self.ids, self.order, uniq)
-            ok = (uniq >= 0) & (pos >= 0)
-            vec = np.zeros((len(uniq), queries.shape[1]), np.float32)
-            vec[ok] = prepare_vectors(self.store.take(pos[ok]), metric)
-            v = vec[inv.reshape(cand.shape)]
-            q = queries[b:b + RERANK_BLOCK]
-            s = np.einsum("bsd,bd->bs", v, q) if metric == "cosine" else ((v - q[:, None, :]) ** 2).sum(-1)
-            s[~ok[inv.reshape(cand.shape)]] = worst
-            order = np.argsort(-s if metric == "cosine" else s, axis=1, kind="stable")[:, :k]
-            top = np.take_along_axis(s, order, 1)
-            scores[b:b + len(q), :order.shape[1]] = top
-            ids[b:b + len(q), :order.shape[1]] = np.where(np.isfinite(top), np.take_along_axis(cand, order, 1), -1)
-        return scores, ids
-
-
 class Index:
     """A FAISS index over an embedding store; build with :meth:`build`, reopen with :meth:`open`."""
 
-    def __init__(self, path: Path, index, meta: dict, table: IdTable, reranker: _Reranker | None = None):
+    def __init__(self, path: Path, index, meta: dict, table: IdTable, reranker: Reranker | None = None):
         self.path = path
         self.faiss_index = index
         self.meta = meta
@@ -168,7 +117,7 @@ class Index:
         probes = tuning.probe_positions(len(store))
         index = build_streaming(store, choice.factory, metric, probes)
         meta.update({"factory": choice.factory, "metric": metric, "rerank": choice.rerank, "search_params": {}})
-        self = cls(out, index, meta, table, _Reranker(store) if choice.rerank else None)
+        self = cls(out, index, meta, table, Reranker(store) if choice.rerank else None)
         self._measure(store, probes, target)
         with faiss_errors(f"build the {choice.factory} index"):
             add_positions(index, store, metric, probes)
@@ -199,7 +148,7 @@ class Index:
         self.meta.pop("paths", None)
         self.table = table
         if self.rerank:
-            self._reranker = _Reranker(store)
+            self._reranker = Reranker(store)
         log(f"updated {self.path}: +{len(new)} added, -{len(gone)} removed (no rebuild)")
         if removable:
             probes = tuning.probe_positions(len(store))
@@ -293,7 +242,7 @@ class Index:
         if not self.rerank:
             return self.faiss_index.search(q, k)
         if self._reranker is None:
-            self._reranker = _Reranker.open(self.meta, self.path)
+            self._reranker = Reranker.open(self.meta, self.path)
         short = min(len(self), k * int(self.meta["search_params"].get("rerank_factor", 4)))
         _, candidates = self.faiss_index.search(q, short)
         return self._reranker.rerank(q, candidates, k, self.meta["metric"])

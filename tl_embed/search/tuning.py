@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..embedding.store import EmbeddingStore
+from .build import prepare_vectors
 
 PROBES = 500  # held-out queries (at most a tenth of the store)
 K = 10
@@ -32,8 +33,6 @@ def probe_positions(n: int, seed: int = 0) -> np.ndarray:
 
 def exact_truth(store: EmbeddingStore, queries: np.ndarray, metric: str, k: int, skip: np.ndarray) -> np.ndarray:
     """Store ids of the exact k nearest rows to each (prepared) query, leaving out rows ``skip``."""
-    from .index import prepare_vectors
-
     best_s = np.full((len(queries), k), -np.inf, np.float32)
     best_i = np.full((len(queries), k), -1, np.int64)
     for start, ids, chunk in store.iter_chunks():
