@@ -1,6 +1,6 @@
 """A scikit-learn transformer: image paths in, embeddings out.
 
-``make_pipeline(KerasImageEmbedder("mobilenet_v2"), LogisticRegression()).fit(paths, labels)``
+``make_pipeline(KerasImageEmbedder("mobilenet_v2"), HeadClassifier()).fit(paths, labels)``
 """
 
 from __future__ import annotations
@@ -14,36 +14,45 @@ from ..errors import TlEmbedError
 class KerasImageEmbedder(TransformerMixin, BaseEstimator):
     """Embed image files with a frozen Keras backbone.  ``fit`` only loads the backbone.
 
-    Parameters follow ``tl-embed embed``: ``model`` (registry name or saved Keras model),
-    ``weights`` ('imagenet', 'none' or a file), ``pooling``, ``batch_size``, ``runtime``.
-    Unreadable images raise ``ValueError`` naming them (a transformer must keep rows aligned).
+    Parameters mean what the ``tl-embed embed`` options of the same names mean: ``model`` (registry name
+    or saved Keras model), ``weights`` ('imagenet', 'none' or a file), ``pooling``, ``tta``,
+    ``batch_size``, ``runtime``.  ``transform`` before ``fit`` raises ``NotFittedError``, as every
+    scikit-learn transformer does.  Unreadable images raise ``ValueError`` naming them (a transformer
+    must keep rows aligned).  :attr:`spec_` is what a store made with the same options records.
     """
 
     def __init__(self, model: str = "mobilenet_v2", weights: str = "imagenet", pooling: str = "avg",
-                 batch_size: int = 32, runtime: str = "auto"):
+                 tta: str = "none", batch_size: int = 32, runtime: str = "auto"):
         self.model = model
         self.weights = weights
         self.pooling = pooling
+        self.tta = tta
         self.batch_size = batch_size
         self.runtime = runtime
 
     def fit(self, X=None, y=None):
         from .backbones import load_backbone
         from .runtime import make_runtime
+        from .tta import backbone_with_tta, check_tta, with_tta
 
-        backbone = load_backbone(self.model, weights=self.weights, pooling=self.pooling)
+        check_tta(self.tta)
+        backbone = backbone_with_tta(load_backbone(self.model, weights=self.weights, pooling=self.pooling),
+                                     self.tta)
         self.spec_ = backbone.spec
-        self.run_ = make_runtime(backbone, self.runtime)
+        self.run_ = with_tta(make_runtime(backbone, self.runtime), self.tta)
         self.n_features_out_ = backbone.spec.dim
         return self
 
     def transform(self, X) -> np.ndarray:
         from pathlib import Path
 
-        from .query import embed_paths
+        from sklearn.utils.validation import check_is_fitted
 
-        if not hasattr(self, "run_"):
-            self.fit()
+        from .query import embed_paths, runtime_for
+
+        check_is_fitted(self, "spec_")
+        if not hasattr(self, "run_"):  # unpickled: the same backbone again, from the converted-model cache
+            self.run_ = runtime_for(self.spec_, self.runtime)
         paths = [Path(p) for p in np.asarray(X, dtype=object).ravel()]
         emb = embed_paths(paths, self.run_, self.spec_.input_size, self.batch_size)
         if emb.failed:
@@ -54,7 +63,7 @@ class KerasImageEmbedder(TransformerMixin, BaseEstimator):
         return np.array([f"emb{i}" for i in range(self.n_features_out_)], dtype=object)
 
     def __getstate__(self):
-        """Pickle without the compiled model; it is rebuilt on the first transform."""
+        """Pickle without the compiled model; the first transform after unpickling loads it again."""
         state = self.__dict__.copy()
         state.pop("run_", None)
         return state

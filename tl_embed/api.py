@@ -1,0 +1,72 @@
+"""The library's verbs for Python: what ``train``, ``evaluate``, ``export-model`` and ``index`` do, as functions.
+
+Each runs the same code as the command of the same name and takes the same options by the same names,
+so a script and a shell session make the same files.  ``embed_folder`` and ``find_duplicates`` need no
+wrapper: they are the embedding and search stages' own functions, exported as they are.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .heads.head import DEFAULT_HEAD, Head
+from .heads.metrics import Metrics
+from .search.index import TARGET_RECALL
+
+Pathish = str | os.PathLike
+
+
+def train(store: Pathish, out: Pathish | None = None, head: str = DEFAULT_HEAD, class_weight: str | None = None,
+          test_size: float = 0.2, seed: int = 0, cv: int = 3, transform: str = "auto", hidden: int = 0) -> Head:
+    """Train a head on a store's labelled rows, scored on the rows it did not see (``tl-embed train``).
+
+    The store's ``test`` (else ``val``) split is held out, or a stratified ``test_size`` share.  The
+    held-out scores are in ``head.metrics`` (``accuracy``, ``macro_f1``, ``per_class``, ...).  With
+    ``out``, the head is also saved there as a model file (``.tlh``).
+    """
+    from .heads.training import train_from_store
+
+    fitted = train_from_store(store, head, class_weight, test_size, seed, cv, transform, hidden).head
+    if out is not None:
+        fitted.save(out)
+    return fitted
+
+
+def evaluate(head: Head | Pathish, target: Pathish, split: str | None = None, runtime: str = "auto") -> Metrics:
+    """Score a head on a labelled store or image folder (``tl-embed evaluate``).
+
+    On the store it was trained on, only the rows it was held out on are scored unless ``split`` names
+    other rows.
+    """
+    from .heads.training import evaluate_head
+
+    return evaluate_head(_head(head), target, split, runtime)[0]
+
+
+def export_model(head: Head | Pathish, fmt: str, out: Pathish):
+    """Write a head and its backbone as one model in ``fmt`` into the folder ``out`` (``tl-embed export-model``).
+
+    Formats: keras, savedmodel, tflite, onnx, openvino.  Returns what was written (folder, size, seconds).
+    """
+    from .heads.export import export_model as write_export
+
+    return write_export(_head(head), fmt, out)
+
+
+def build_index(store: Pathish, out: Pathish, kind: str = "auto", metric: str = "cosine",
+                max_memory: float | None = None, target_recall: float = TARGET_RECALL,
+                rerank: bool | None = None, quiet: bool = False):
+    """Build or update the FAISS index of a store at ``out`` (``tl-embed index``), and return it open.
+
+    ``kind`` is ``index --type`` (auto chooses by size and ``max_memory`` bytes); its recall is measured on
+    held-out rows and printed unless ``quiet``.
+    """
+    from .search.index import Index
+
+    return Index.build(store, out, kind, metric, max_memory, target_recall,
+                       log=(lambda *_: None) if quiet else print, rerank=rerank)
+
+
+def _head(head: Head | Pathish) -> Head:
+    return head if isinstance(head, Head) else Head.load(Path(head))
