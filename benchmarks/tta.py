@@ -83,7 +83,7 @@ def bench_set(name: str, cache: Path) -> dict:
     for tta in TTAS:
         store, timing = embed_timed(name, tta, cache)
         t = time.perf_counter()
-        result = train_from_store(store, head="logreg")  # the head the README's table measured
+        result = train_from_store(store, head="logreg")  # the head benchmarks/README.md's TTA table measured
         row[tta] = {**timing, "rate": timing["images"] / timing["embed_seconds"],
                     "logreg": result.metrics.accuracy, "train_seconds": time.perf_counter() - t,
                     "reference": reference_accuracy(store), "held_out": result.split}

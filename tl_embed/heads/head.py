@@ -19,8 +19,8 @@ from .graph import Step, check_graph, forward
 from .model_file import read_model, write_model
 
 HEADS = ("svm", "logreg", "knn", "dense")  # what `train --head` offers; trained in .fit
-# svm: +1.7 points over a plain standardised logistic regression on average over the five shared photo
-# sets (logreg with the same search: +1.5), never below it (README, benchmarks/heads.py)
+# svm: the best mean gain over a plain standardised logistic regression on the five shared photo sets,
+# and never below it on any of them (benchmarks/heads.py; numbers in benchmarks/README.md)
 DEFAULT_HEAD = "svm"
 
 
