@@ -35,8 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import describe_cpu  # noqa: E402
 
-from tl_embed.embedding.backbones import BackboneSpec  # noqa: E402
-from tl_embed.embedding.store import EmbeddingStore, ManifestRow  # noqa: E402
+from tl_embed.embedding import BackboneSpec, EmbeddingStore, ManifestRow  # noqa: E402
 
 LATENT = 256  # rank of the structured part of each embedding
 CLUSTERS = 1000
@@ -119,7 +118,7 @@ def _status_mb(field: str) -> float:
 
 def child(store: Path, mode: str, threshold: float, k: int, labels_out: Path) -> dict:
     """One dedup run in this (fresh) process: time, peak memory, and each row's group label."""
-    from tl_embed.search.dedup import find_duplicates
+    from tl_embed import find_duplicates
 
     anon = [0.0]
     done = threading.Event()
@@ -155,7 +154,7 @@ def exact_pairs_of(store: Path, queries: np.ndarray, threshold: float) -> tuple[
     Rows are named by image number (img/NUMBER.jpg, the order they were added), like the groups'
     labels: a store's positions follow its shard order, which at 1M rows was not the order of adding.
     """
-    from tl_embed.search.index import prepare_vectors
+    from tl_embed.search import prepare_vectors
 
     with EmbeddingStore.open(store) as s:
         name_at = np.fromiter((int(Path(p).stem) for batch in s.iter_paths() for p in batch), np.int64, len(s))

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import describe_cpu  # noqa: E402
 
-from tl_embed.embedding.store import EmbeddingStore, ManifestRow  # noqa: E402
+from tl_embed.embedding import EmbeddingStore, ManifestRow  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 SETS = ("flowers5", "sign_digits")

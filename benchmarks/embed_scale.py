@@ -31,8 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import describe_cpu  # noqa: E402
 
-from tl_embed.embedding.backbones import BackboneSpec  # noqa: E402
-from tl_embed.embedding.store import EmbeddingStore, ManifestRow  # noqa: E402
+from tl_embed.embedding import BackboneSpec, EmbeddingStore, ManifestRow  # noqa: E402
 
 
 def spec(dim: int) -> BackboneSpec:

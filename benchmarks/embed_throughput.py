@@ -132,11 +132,10 @@ def bench_model(name: str, files: list[Path], folder: Path, runtimes: list[str],
                 peak_gflops: tuple[float, str] | None) -> None:
     import keras
 
+    from tl_embed import EmbeddingStore, embed_folder
     from tl_embed.embedding.backbones import get_backbone, load_backbone
-    from tl_embed.embedding.embed import embed_folder
     from tl_embed.embedding.images import load_image
     from tl_embed.embedding.runtime import make_runtime
-    from tl_embed.embedding.store import EmbeddingStore
 
     bb = get_backbone(name)
     module = getattr(keras.applications, bb.module)

@@ -38,8 +38,7 @@ def use_genuine_weights() -> None:
 
 def held_out(name: str, work: Path, head_name: str):
     """(head, held-out image paths) for one set: embedded, trained on its training rows."""
-    from tl_embed.embedding.embed import embed_folder
-    from tl_embed.embedding.store import EmbeddingStore
+    from tl_embed import EmbeddingStore, embed_folder
     from tl_embed.heads.fit import fit_head
     from tl_embed.heads.training import choose_split
 

@@ -49,7 +49,7 @@ def synthetic(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray
 
 
 def bench_synthetic(heads: list[str]) -> None:
-    from tl_embed.embedding.backbones import BackboneSpec
+    from tl_embed.embedding import BackboneSpec
     from tl_embed.heads.fit import fit_head
 
     spec = BackboneSpec("synthetic", "random", "random", 224, "none", "avg", 1280)
@@ -69,7 +69,7 @@ def bench_synthetic(heads: list[str]) -> None:
 
 
 def embed_set(name: str, cache: Path) -> Path:
-    from tl_embed.embedding.embed import embed_folder
+    from tl_embed import embed_folder
 
     out = cache / f"{name}.tle"
     embed_folder(SHARED / "datasets" / name, out, model="mobilenet_v2", progress=False)
@@ -81,7 +81,7 @@ def bench_real(heads: list[str], cache: Path) -> None:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from tl_embed.embedding.store import EmbeddingStore
+    from tl_embed import EmbeddingStore
     from tl_embed.heads.fit import fit_head
     from tl_embed.heads.head import DEFAULT_HEAD
     from tl_embed.heads.training import choose_split

@@ -60,8 +60,7 @@ def vectors(n: int, seed: int) -> np.ndarray:
 
 
 def write_store(path: Path, n: int) -> None:
-    from tl_embed.embedding.backbones import BackboneSpec
-    from tl_embed.embedding.store import EmbeddingStore, ManifestRow
+    from tl_embed.embedding import BackboneSpec, EmbeddingStore, ManifestRow
 
     spec = BackboneSpec("synthetic", "random", "random", 224, "none", "avg", DIM)
     with EmbeddingStore.create(path, spec, root=path.parent) as s:
@@ -113,8 +112,8 @@ def child_exact(tmp: Path) -> dict:
     """Plain IndexFlatIP over all stored vectors (normalised) in RAM: truth, QPS, latency."""
     import faiss
 
-    from tl_embed.embedding.store import EmbeddingStore
-    from tl_embed.search.index import prepare_vectors
+    from tl_embed import EmbeddingStore
+    from tl_embed.search import prepare_vectors
 
     peak = Peak()
     t = time.perf_counter()
@@ -133,7 +132,7 @@ def child_exact(tmp: Path) -> dict:
 
 def child_build(tmp: Path, kind: str) -> dict:
     from tl_embed.cli.search import memory_size
-    from tl_embed.search.index import Index, prepare_vectors
+    from tl_embed.search import Index, prepare_vectors
 
     name, _, budget = kind.partition(":")
     peak = Peak()

@@ -68,7 +68,7 @@ def real_photos(tmp: Path, n: int) -> Path:
 
 def synthesise(real_store: Path, out: Path, rows: int) -> None:
     """A ``rows``-row store: the real rows, then noisy copies of their vectors under invented paths."""
-    from tl_embed.embedding.store import EmbeddingStore, ManifestRow
+    from tl_embed.embedding import EmbeddingStore, ManifestRow
 
     with EmbeddingStore.open(real_store) as real:
         spec, root = real.spec, real.root
@@ -173,7 +173,7 @@ def main() -> None:
         tmp = Path(tmp_str)
         os.environ["KERAS_HOME"] = str(keras_home(tmp))
         os.environ["TL_EMBED_CACHE"] = str(tmp / "cache")
-        from tl_embed.embedding.embed import embed_folder
+        from tl_embed import embed_folder
         from tl_embed.search.index import Index
 
         photos = real_photos(tmp, args.photos)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import describe_cpu  # noqa: E402
 
-from tl_embed.embedding.store import EmbeddingStore  # noqa: E402
+from tl_embed import EmbeddingStore  # noqa: E402
 
 
 @dataclass

@@ -47,7 +47,7 @@ def keras_home() -> None:
 
 def embed_timed(name: str, tta: str, cache: Path) -> tuple[Path, dict]:
     """The set's store for ``tta`` and its measured embedding time (this run's, or the cached run's)."""
-    from tl_embed.embedding.embed import embed_folder
+    from tl_embed import embed_folder
 
     out, record = cache / f"{name}-{tta}.tle", cache / f"{name}-{tta}.json"
     if out.exists() and record.exists():
@@ -66,7 +66,7 @@ def reference_accuracy(store: Path) -> float:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from tl_embed.embedding.store import EmbeddingStore
+    from tl_embed import EmbeddingStore
     from tl_embed.heads.training import choose_split
 
     with EmbeddingStore.open(store) as s:

@@ -1,8 +1,8 @@
 """What kind of tl_embed file a path holds, told from its content, so the wrong one is refused by name.
 
-Users pass a store where an index belongs, a head where a store belongs, and every command used to answer
+Users pass a store where an index belongs, a head where a store belongs; unchecked, every command answers
 with its own confusing line ("index pets.tle is damaged", "Not a directory", "does not exist" of a file
-that exists) — and one of them wrote an index into a store.  Every command checks its arguments here
+that exists), and a writer could put an index into a store.  Every command checks its arguments here
 before any heavy import: inputs must be of the kind the command reads, and an output may only replace a
 file of its own kind.  The files that mark each kind live here, and the modules that write them use them.
 """

@@ -1,8 +1,8 @@
 """Import TensorFlow (and Keras on it) without its C++ log lines reaching the user's terminal.
 
 A command's stderr is ours: a user error is one line.  ``TF_CPP_MIN_LOG_LEVEL=2`` silences TensorFlow's
-info and warning lines on an AVX2 CPU, but with TensorFlow 2.21 on an AVX-512 CPU four lines still came
-out at import (absl's "before absl::InitializeLog()" preamble and CPU-feature notices), written straight to
+info and warning lines, except some at import (TensorFlow 2.21: absl's "before absl::InitializeLog()"
+preamble, and CPU-feature notices on CPUs with instructions the build does not use), written straight to
 file descriptor 2 (presumably before the level applies).  So the first import runs with descriptor 2 pointed at a temp
 file, and afterwards everything in it but absl's info and warning records is written back.  A user who asks
 for TensorFlow's logs (``TF_CPP_MIN_LOG_LEVEL=0``) gets them all.

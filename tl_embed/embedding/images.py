@@ -173,9 +173,9 @@ def _malloc_trim():
 
 
 def release_memory() -> None:
-    """Give freed memory back to the OS.  glibc keeps large freed blocks in its arenas: eight concurrent
-    7000x7000 PNG decodes left a server 400-500 MB larger for good; trimming after each large decode
-    brought it back to within ~10 MB of where it started."""
+    """Give freed memory back to the OS.  glibc keeps large freed blocks in its arenas: a few concurrent
+    decodes of huge images would leave a server hundreds of MB larger for good; trimming after each
+    large decode hands that memory back."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

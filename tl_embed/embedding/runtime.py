@@ -5,8 +5,8 @@ Two runtimes compute the same function:
 * ``keras``: the reference.  The model traced once into a ``tf.function`` with a fixed signature,
   which skips ``model.predict``'s per-call dataset/callback machinery.
 * ``openvino``: the Keras model converted once to OpenVINO IR (fp32, weights not compressed) and
-  run by OpenVINO's CPU plugin; 1.5-2.5x the reference end to end on a 2-core AVX-512 CPU
-  (``benchmarks/embed_throughput.py``).  Converted models are cached under :func:`converted_cache_dir`
+  run by OpenVINO's CPU plugin; faster than the reference end to end (both are timed by
+  ``benchmarks/embed_throughput.py``).  Converted models are cached under :func:`converted_cache_dir`
   keyed by the backbone's identity (name, weights sha256, input size, preprocessing, pooling, layer).
 
 ONNX Runtime and TFLite were measured too and are not shipped: ONNX Runtime matched OpenVINO at best
@@ -114,9 +114,8 @@ class OpenVINORuntime:
 
     The CPU plugin's throughput mode runs independent single-threaded streams, one per core, and
     each request carries a single image: small requests keep a layer's activations in the core's
-    cache (1.45x the images/s of 64-image requests for MobileNetV2 here), and independent streams
-    tolerate the decode threads sharing the cores better than one request whose threads wait on
-    each other at every layer.
+    cache, where a 64-image request's spill to memory, and independent streams tolerate the decode
+    threads sharing the cores better than one request whose threads wait on each other at every layer.
     """
 
     name = "openvino"
@@ -132,9 +131,9 @@ class OpenVINORuntime:
                    images_per_request: int = 1) -> OpenVINORuntime | None:
         """The runtime straight from the cached IR of ``spec``, or None when it is not cached.
 
-        Needs neither TensorFlow nor Keras: starting from the cache skips their ~5 s import and the
-        model build, which is most of a one-image ``predict`` or ``search``.  OpenVINO also keeps the
-        compiled model beside the IR (its ``CACHE_DIR``), which makes compiling ~3x faster next time.
+        Needs neither TensorFlow nor Keras: starting from the cache skips their import and the
+        model build, which is most of a one-image ``predict`` or ``search`` (benchmarks/startup.py).
+        OpenVINO also keeps the compiled model beside the IR (its ``CACHE_DIR``), so it compiles faster next time.
         """
         xml = cached_ir(spec)
         if xml is None or not xml.is_file():
@@ -160,7 +159,7 @@ class OpenVINORuntime:
             "INFERENCE_NUM_THREADS": threads,
             # A process given fewer threads than the machine's cores (a Ray actor) shares the machine
             # with others: pinned, every such process puts its threads on the same first cores (two
-            # actors on 2 cores ran at half speed each, 25 vs 46 img/s for MobileNetV2).
+            # one-thread actors on 2 cores would share the first one and leave the second idle).
             "ENABLE_CPU_PINNING": threads >= cpu_count(),
             **(extra or {}),
         })

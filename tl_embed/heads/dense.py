@@ -71,8 +71,8 @@ def _train(X: np.ndarray, idx: np.ndarray, n_classes: int, hidden: int, seed: in
            validation: tuple[np.ndarray, np.ndarray] | None, epochs: int) -> tuple[Any, dict[str, list[float]]]:
     """A Keras model trained on (standardised) X by minibatch Adam, and its validation history.
 
-    One compiled ``tf.function`` runs a whole epoch: ``Model.fit`` costs a fixed 0.1-0.5 s per epoch
-    here (iterators, callbacks), which for a few hundred small epochs was most of the time.
+    One compiled ``tf.function`` runs a whole epoch: ``Model.fit`` pays a fixed cost per epoch
+    (iterators, callbacks), which for a few hundred small epochs would be most of the time.
     With ``validation``, training stops ``PATIENCE`` epochs after the best validation loss.
     """
     from ..tf_quiet import import_tensorflow

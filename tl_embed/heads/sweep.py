@@ -7,8 +7,8 @@ toss), each fold's fits are warm-started from the nearest C already fitted (a sw
 more than a few cold fits), and the feature transform is one more hyper-parameter: every transform
 gets the coarse sweep, only the winner is refined.  The folds are fitted side by side, one thread
 each with single-threaded BLAS: these fits are too small for a multi-threaded BLAS, whose threads
-cost more to wake on every product than the product itself (a 1 650 x 1 280 SVM fit: 1.9 s with two
-BLAS threads, 0.74 s with one).
+cost more to wake on every product than the product itself, so a fit gets slower, not faster, with more
+BLAS threads (benchmarks/heads.py times the training).
 """
 
 from __future__ import annotations

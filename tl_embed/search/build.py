@@ -40,7 +40,7 @@ def new_index(factory: str, dim: int, metric: str):
         if hasattr(layer, "do_polysemous_training"):  # PQ: minutes of annealing for a search mode we never use
             layer.do_polysemous_training = False
         if hasattr(layer, "pq") and layer.pq.M >= 64:
-            # hundreds of tiny k-means take minutes (114 s for PQ320 on 10k rows); one code book shared by
+            # hundreds of tiny k-means (one per sub-quantizer) take minutes; one code book shared by
             # all sub-quantizers trains in a second, and re-ranking repairs the coarser shortlist
             layer.pq.train_type = faiss.ProductQuantizer.Train_shared
         if hasattr(layer, "use_precomputed_table"):  # IVF-PQ L2 tables: nlist x d x 256 floats, GBs at 1280-d

@@ -10,7 +10,7 @@ The ladder for ``--type auto`` (dimension d, N vectors, bytes per vector in brac
    of IVF-Flat at a quarter of the RAM;
 5. ``IVF{nlist},PQ{m}`` (m + 8) with re-ranking, m = d/4 down to d/32: 4-dimensional sub-vectors
    keep a shortlist good enough for re-ranking to repair (PQ with d/16 sub-vectors and no
-   re-ranking reached recall@10 0.24 on 1280-d vectors in our benchmark).
+   re-ranking scores too roughly: most of the true top 10 of 1280-d vectors are lost).
 
 Without ``--max-memory`` the budget is DEFAULT_MAX_MEMORY, so at a million 1280-d vectors auto
 keeps the index near 1.3 GB (SQ8) instead of the 5 GB of raw vectors the store already holds on disk.

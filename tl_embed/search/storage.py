@@ -5,7 +5,7 @@ them), the JSON meta (store uid and path, backbone, factory, metric, search para
 the id table, then the serialized FAISS index.  The id table is three arrays, not a JSON list:
 ``n`` int64 store ids, ``n + 1`` int64 offsets and one UTF-8 blob of paths relative to the store's
 image root: 16 bytes plus the path per vector (about 35 MB at a million images, read with one
-``read``; the JSON list of format 1 was 60 MB parsed into a million Python lists on every open).
+``read``; format 1's JSON list, about 60 MB, is parsed into a million Python lists on every open).
 
 The file is written with :func:`~tl_embed.files.atomic_write` (temp file, fsync, rename): the FAISS
 index is streamed into it (no second in-memory copy of a GB-sized index), then the header with sizes
@@ -109,7 +109,7 @@ class IdTable(Mapping):
         return len(self.ids)
 
     def id_of(self, rel: str) -> int | None:
-        """The id of a relative path (a substring search of the blob: ~10 ms at a million paths)."""
+        """The id of a relative path (a substring search of the blob in C: no path -> id dict to build)."""
         needle = rel.encode()
         at = self.blob.find(needle)
         while at >= 0:

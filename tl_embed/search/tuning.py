@@ -1,8 +1,8 @@
 """Held-out quality: recall@10, latency and QPS measured with queries the index does not hold.
 
-Why held out: the earlier leave-one-out measure searched with stored vectors and dropped each
-query's own id from both answers.  For HNSW that is optimistic (a stored vector enters the graph
-right next to itself: 0.978 printed, 0.906 on fresh queries).  Here a sample of the store's rows,
+Why held out: a leave-one-out measure, searching with stored vectors and dropping each query's
+own id from both answers, is optimistic for HNSW (a stored vector enters the graph right next to
+itself, so its neighbours are easier to reach than a fresh query's).  Here a sample of the store's rows,
 the *probes*, is left out of the index while it is measured: a new build adds every other row,
 measures, then adds the probes; an update removes the probes, measures, and adds them back.  The
 probes are real images from the same collection, so they are as close to future queries as the

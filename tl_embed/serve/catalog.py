@@ -103,8 +103,8 @@ class Catalog:
         FAISS picks that path by a global threshold, so this runs in one thread only (the service's
         search batcher) and sets it for the call.  That thread searches without OpenMP's threads: the
         parallelism is the requests', the cores belong to the runtime's streams, and OpenMP's threads
-        spin between the many small searches, stealing those cores (16 clients on 2 cores: 0.74x ->
-        0.86x `embed`'s upload throughput; 0.98x once `serve` also ran BLAS single-threaded).
+        spin between the many small searches, stealing those cores (benchmarks/serve_latency.py measures
+        the upload throughput under 16 clients against `embed`'s).
         """
         faiss = load_faiss()
         faiss.omp_set_num_threads(1)  # for this thread only (an OpenMP setting is per thread)

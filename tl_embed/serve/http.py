@@ -1,7 +1,7 @@
 """uvicorn's httptools protocol with a bound on a request's head (request line and headers).
 
-uvicorn reads headers without any limit: one ``GET /healthz`` with a 100 MB header kept the event loop
-parsing for ~9 s, so every other client waited, token or not.  Counting the bytes that arrive before the
+uvicorn reads headers without any limit: one request with a 100 MB header keeps the event loop
+parsing for seconds, so every other client waits, token or not.  Counting the bytes that arrive before the
 head is complete lets us answer 431 and close the connection once it passes :data:`MAX_HEAD_BYTES`,
 before reading further, as nginx and most servers do.  Bodies are bounded separately (the Guard).
 """

@@ -1,6 +1,6 @@
 """Log lines a stranger can cause are folded, so a flood of bad requests cannot flood the server's log.
 
-python-multipart logs a warning for every malformed part header (129 lines in one fuzzing run); the
+python-multipart logs a warning for every malformed part header (a stranger decides how many); the
 client already gets a 400 with the reason, so the server keeps the first line and then at most one per
 minute, saying how many it folded in between.
 """
