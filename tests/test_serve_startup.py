@@ -52,3 +52,34 @@ def test_without_a_cached_ir_the_backbone_is_built_and_converted(served, tmp_pat
     assert first == {"rc": 0, "tensorflow": True, "keras": True}
     assert len(list(cache.glob("openvino/*/model.xml"))) == 1  # converted and cached on the way
     assert probe("search", str(served.index), query, cache=str(cache))["tensorflow"] is False
+
+
+def test_adding_images_to_a_store_with_a_cached_ir_needs_no_tensorflow(tmp_path, tiny_model):
+    from conftest import make_folder
+
+    images = make_folder(tmp_path / "images", per_class=3)
+    cache = str(tmp_path / "cache")
+    embed = ["embed", str(images), "--out", str(tmp_path / "s.tle"), "--model", tiny_model, "--layer", "features",
+             "-q"]
+    assert probe(*embed, cache=cache) == {"rc": 0, "tensorflow": True, "keras": True}  # built, converted, cached
+    make_image(images / "red" / "new.jpg", COLORS["red"], 777)
+    assert probe(*embed, cache=cache) == {"rc": 0, "tensorflow": False, "keras": False}
+    from tl_embed.embedding.store import EmbeddingStore
+
+    with EmbeddingStore.open(tmp_path / "s.tle") as store:
+        assert len(store) == 10
+    # the same image embedded by the freshly built model: the cached IR computes the store's function
+    rebuilt = tmp_path / "r.tle"
+    assert probe("embed", str(images), "--out", str(rebuilt), "--model", tiny_model, "--layer", "features", "-q",
+                 "--runtime", "keras", cache=cache)["rc"] == 0
+    with EmbeddingStore.open(tmp_path / "s.tle") as a, EmbeddingStore.open(rebuilt) as b:
+        import numpy as np
+
+        new_a = a.embeddings[a.position("red/new.jpg")]
+        new_b = b.embeddings[b.position("red/new.jpg")]
+        np.testing.assert_allclose(new_a, new_b, rtol=1e-3, atol=1e-4)
+    changed = ["embed", str(images), "--out", str(tmp_path / "s.tle"), "--model", tiny_model, "--layer", "conv",
+               "-q"]
+    make_image(images / "red" / "newer.jpg", COLORS["red"], 778)
+    refused = probe(*changed, cache=cache)
+    assert refused["rc"] == 2 and refused["tensorflow"] is True  # another cut: rebuilt, and refused as before

@@ -20,15 +20,18 @@ from ..cpus import cpu_count
 from ..errors import StoreDamagedError, StoreError, StoreReadOnlyError, TlEmbedError
 from ..wording import count
 from .backbones import (
+    BackboneSpec,
     LoadedBackbone,
     check_compatible,
     check_model_options,
+    is_custom_model,
     load_backbone,
+    sha256_file,
 )
 from .decode import decode_in_order
 from .images import ImageDecodeError
 from .ray_engine import RayOptions, embed_with_ray
-from .runtime import Runtime, make_runtime, stream
+from .runtime import OpenVINORuntime, Runtime, check_runtime, make_runtime, stream
 from .scan import ImageFile, Scan, is_utf8, scan
 from .sink import EmbedReport, StoreSink
 from .store import MANIFEST, EmbeddingStore, Failure, ManifestRow
@@ -133,8 +136,10 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
         report.unchanged, report.failed = p.unchanged, list(p.known_failures)
         if store is not None and p.deleted:
             report.removed = store.remove(p.deleted)
-        backbone = None
-        if p.todo:
+        backbone, cached = None, None
+        if p.todo and store is not None and engine == "local" and loader is load_backbone:
+            cached = _cached_runtime(store.spec, model, weights, layer, preprocess, runtime)
+        if p.todo and cached is None:
             backbone = backbone_with_tta(
                 loader(model, weights=weights, pooling=pooling, layer=layer, preprocess=preprocess), tta)
             if store is None:
@@ -144,14 +149,15 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
         if p.new_failures:
             store.record_failures(p.new_failures)
             report.failed.extend(p.new_failures)
-        if backbone is not None:
-            report.spec = backbone.spec
+        if p.todo:
+            report.spec = store.spec
             desc = "embedding (ray)" if engine == "ray" else "embedding"
             with StoreSink(store, p.todo, report, progress, desc) as sink:
                 if engine == "ray":
                     embed_with_ray(p.todo, sink, backbone, runtime, batch_size, ray or RayOptions(workers=workers))
                 else:
-                    _run(p.todo, sink, backbone, runtime, batch_size, workers)
+                    run = cached or with_tta(make_runtime(backbone, runtime), backbone.spec.tta)
+                    _run(p.todo, sink, run, store.spec.input_size, batch_size, workers)
         if not report.interrupted and store.writable:
             store.consolidate()
         store.refresh()
@@ -194,14 +200,39 @@ def _nothing_found(root: Path, found: Scan) -> str:
     return msg
 
 
-def _run(todo: list[ImageFile], sink: StoreSink, backbone: LoadedBackbone, runtime: str, batch_size: int,
+def _cached_runtime(spec: BackboneSpec, model: str, weights: str, layer: str | None, preprocess: str | None,
+                    runtime: str) -> Runtime | None:
+    """The store's own converted model from the cache, when the options name exactly that model.
+
+    Adding images to a store needs no TensorFlow import and no Keras build when its backbone's OpenVINO
+    IR is cached (any earlier run made it): the IR is keyed by everything that makes the embedding, so it
+    computes the store's function.  The files the options name are hashed and compared with the store's
+    record, so a changed model or weights file is rebuilt (and refused) as before.
+    """
+    if check_runtime(runtime) == "keras":
+        return None
+    if is_custom_model(model):
+        same = (Path(model).is_file() and sha256_file(model) == spec.weights_sha256 and layer == spec.layer
+                and preprocess in (None, spec.preprocessing))
+    else:
+        same = weights == spec.weights and (weights in ("imagenet", "none")
+                                            or sha256_file(weights) == spec.weights_sha256)
+    if not same:
+        return None
+    try:
+        run = OpenVINORuntime.from_cache(spec)
+    except ImportError:
+        return None
+    return with_tta(run, spec.tta) if run is not None else None
+
+
+def _run(todo: list[ImageFile], sink: StoreSink, run: Runtime, size: int, batch_size: int,
          workers: int | None) -> None:
     """Embed ``todo`` into the sink's store; Ctrl-C ends the run early, keeping every committed batch."""
-    run = with_tta(make_runtime(backbone, runtime), backbone.spec.tta)
     sink.report.runtime = run.name
     t_embed = time.perf_counter()
     try:
-        _embed_files(todo, sink, run, backbone.spec.input_size, batch_size, workers or cpu_count())
+        _embed_files(todo, sink, run, size, batch_size, workers or cpu_count())
     except KeyboardInterrupt:
         sink.report.interrupted = True
     sink.report.embed_seconds = time.perf_counter() - t_embed
