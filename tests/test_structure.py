@@ -11,13 +11,14 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tl_embed"
 MAX_LINES = 400
-# what each stage may import from the others: data flows embedding -> heads, search -> serve -> cli
+# what each stage may import from the others: data flows embedding -> heads, search -> audit -> serve -> cli
 ALLOWED = {
     "embedding": set(),
     "heads": {"embedding"},
     "search": {"embedding"},
-    "serve": {"embedding", "heads", "search"},
-    "cli": {"embedding", "heads", "search", "serve"},
+    "audit": {"embedding", "heads", "search"},
+    "serve": {"embedding", "heads", "search", "audit"},
+    "cli": {"embedding", "heads", "search", "audit", "serve"},
 }
 
 

@@ -22,6 +22,7 @@ _LAZY = {
     "export_model": "tl_embed.api",
     "build_index": "tl_embed.api",
     "find_duplicates": "tl_embed.search.dedup",
+    "audit_store": "tl_embed.audit.run",
     # what they make and read
     "EmbeddingStore": "tl_embed.embedding.store",
     "EmbedReport": "tl_embed.embedding.sink",
@@ -31,6 +32,7 @@ _LAZY = {
     "Index": "tl_embed.search.index",
     "SearchHit": "tl_embed.search.index",
     "Metrics": "tl_embed.heads.metrics",
+    "Audit": "tl_embed.audit.findings",
     "BACKBONES": "tl_embed.embedding.backbones",
     "TlEmbedError": "tl_embed.errors",
 }

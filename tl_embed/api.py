@@ -8,6 +8,7 @@ wrapper: they are the embedding and search stages' own functions, exported as th
 from __future__ import annotations
 
 import os
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from .heads.head import DEFAULT_HEAD, Head
@@ -18,22 +19,26 @@ Pathish = str | os.PathLike
 
 
 def train(store: Pathish, out: Pathish | None = None, head: str = DEFAULT_HEAD, class_weight: str | None = None,
-          test_size: float = 0.2, seed: int = 0, cv: int = 3, transform: str = "auto", hidden: int = 0) -> Head:
+          test_size: float = 0.2, seed: int = 0, cv: int = 3, transform: str = "auto", hidden: int = 0,
+          exclude: Collection[str] = (), relabel: Mapping[str, str] | None = None) -> Head:
     """Train a head on a store's labelled rows, scored on the rows it did not see (``tl-embed train``).
 
     The store's ``test`` (else ``val``) split is held out, or a stratified ``test_size`` share.  The
     held-out scores are in ``head.metrics`` (``accuracy``, ``macro_f1``, ``per_class``, ...).  With
-    ``out``, the head is also saved there as a model file (``.tlh``).
+    ``out``, the head is also saved there as a model file (``.tlh``).  ``exclude`` (store paths, e.g.
+    an audit's findings) leaves rows out of training only; ``relabel`` (path -> label) replaces labels.
     """
     from .heads.training import train_from_store
 
-    fitted = train_from_store(store, head, class_weight, test_size, seed, cv, transform, hidden).head
+    fitted = train_from_store(store, head, class_weight, test_size, seed, cv, transform, hidden, exclude,
+                              relabel).head
     if out is not None:
         fitted.save(out)
     return fitted
 
 
-def evaluate(head: Head | Pathish, target: Pathish, split: str | None = None, runtime: str = "auto") -> Metrics:
+def evaluate(head: Head | Pathish, target: Pathish, split: str | None = None, runtime: str = "auto",
+             relabel: Mapping[str, str] | None = None) -> Metrics:
     """Score a head on a labelled store or image folder (``tl-embed evaluate``).
 
     On the store it was trained on, only the rows it was held out on are scored unless ``split`` names
@@ -41,7 +46,7 @@ def evaluate(head: Head | Pathish, target: Pathish, split: str | None = None, ru
     """
     from .heads.training import evaluate_head
 
-    return evaluate_head(_head(head), target, split, runtime)[0]
+    return evaluate_head(_head(head), target, split, runtime, relabel)[0]
 
 
 def export_model(head: Head | Pathish, fmt: str, out: Pathish):

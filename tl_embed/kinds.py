@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import TlEmbedError
 
 STORE, INDEX, HEAD, EXPORT = "store", "index", "head", "export"
+REPORT = "report"  # a page or table a command writes for people (never recognised by content)
 STORE_MANIFEST = "manifest.sqlite"  # a store folder's SQLite manifest
 INDEX_FILE = "index.bin"  # an index folder's one data file
 OLD_INDEX_FILES = ("index.faiss", "meta.json")  # an index of the format before index.bin
@@ -23,8 +24,8 @@ HEAD_META = "head.json"  # the first member of a model file (a zip)
 EXPORT_MANIFEST = "export.json"  # an export-model folder's manifest
 
 NAMES = {STORE: "an embedding store", INDEX: "a search index", HEAD: "a model file (a trained head)",
-         EXPORT: "an exported model folder"}
-SUFFIXES = {STORE: ".tle", INDEX: ".tli", HEAD: ".tlh", EXPORT: ""}
+         EXPORT: "an exported model folder", REPORT: "a report"}
+SUFFIXES = {STORE: ".tle", INDEX: ".tli", HEAD: ".tlh", EXPORT: "", REPORT: ".html"}
 
 
 def kind_of(path: str | os.PathLike) -> str | None:

@@ -48,24 +48,52 @@ def register_train(sub) -> None:
                    help="held-out fraction when the store has no test/val split")
     p.add_argument("--cv", type=positive_int, default=3, help="cross-validation folds for hyper-parameters")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude", metavar="FILE", default=None,
+                   help="leave these images out of training: a CSV with a path column (what `tl-embed audit "
+                        "--out audit.csv` writes) or one path per line; the held-out rows stay the same")
+    add_relabel_option(p)
     p.set_defaults(func=cmd_train, reads={"store": (STORE,)}, writes=HEAD)
+
+
+def add_relabel_option(p) -> None:
+    p.add_argument("--relabel", metavar="FILE", default=None,
+                   help="use these labels instead of the folder names: a CSV with path and label columns "
+                        "(paths relative to the store's image folder); the images are not touched")
+
+
+def _row_files(args) -> tuple[set[str], dict[str, str] | None]:
+    """What --exclude and --relabel list, as store paths."""
+    from ..embedding.store import EmbeddingStore
+    from ..heads.row_files import read_paths, read_relabel
+
+    if not getattr(args, "exclude", None) and not args.relabel:
+        return set(), None
+    with EmbeddingStore.open(getattr(args, "store", None) or args.data) as store:
+        root = store.root
+    exclude = read_paths(args.exclude, root) if getattr(args, "exclude", None) else set()
+    return exclude, read_relabel(args.relabel, root) if args.relabel else None
 
 
 def cmd_train(args) -> None:
     from ..heads.report import metrics_text, write_report
     from ..heads.training import train_from_store
 
+    exclude, relabel = _row_files(args)
     res = train_from_store(args.store, args.head, args.class_weight, args.test_size, args.seed, args.cv,
-                           args.transform, args.hidden)
+                           args.transform, args.hidden, exclude, relabel)
     out = Path(args.out)
     res.head.save(out)
     params = ", ".join(f"{k}={v}" for k, v in res.head.params.items()) or "defaults"
+    left_out = res.head.metrics["trained_on"].get("excluded")
+    relabelled = res.head.metrics["trained_on"].get("relabelled")
+    trained = f"{res.n_train} images" + (f" ({left_out} left out by --exclude)" if left_out else "") + (
+        f" ({relabelled} relabelled by --relabel)" if relabelled else "")
     details = {"head": args.head, "hyper-parameters": params, "backbone": res.head.spec.describe(),
-               "store": args.store, "trained on": f"{res.n_train} images",
+               "store": args.store, "trained on": trained,
                "evaluated on": res.split, "training time": f"{res.info['train_seconds']:.2f} s"}
     reports = write_report(res.metrics, out, f"tl-embed {args.head} head: {out.name}", details)
     print(f"head {args.head}: {params} ({_how_chosen(res.info)})")
-    print(f"trained on {res.n_train} images in {res.info['train_seconds']:.2f} s; "
+    print(f"trained on {trained} in {res.info['train_seconds']:.2f} s; "
           f"evaluated on {res.split}:\n")
     print(metrics_text(res.metrics))
     print(f"\nwrote {out}, " + ", ".join(str(r) for r in reports))
@@ -206,18 +234,23 @@ def register_evaluate(sub) -> None:
                         "trained on, the rows held out from training; on any other data, every labelled image")
     p.add_argument("--out", default=None,
                    help="also write OUT.report.json/.md and OUT.confusion.png")
+    add_relabel_option(p)
     add_runtime_option(p)
     add_trust_pickle_option(p)
     p.set_defaults(func=cmd_evaluate, reads={"model": (HEAD,), "data": (STORE,)})
 
 
 def cmd_evaluate(args) -> None:
+    from ..errors import TlEmbedError
     from ..heads.head import Head
     from ..heads.report import metrics_text, write_report
-    from ..heads.training import evaluate_head
+    from ..heads.training import evaluate_head, is_store
 
     head = Head.load(args.model, args.trust_pickle)
-    m, scored = evaluate_head(head, args.data, args.split, args.runtime)
+    relabel = _row_files(args)[1] if args.relabel and is_store(args.data) else None
+    if args.relabel and relabel is None:
+        raise TlEmbedError("--relabel applies to a store; an image folder is scored with its folder labels")
+    m, scored = evaluate_head(head, args.data, args.split, args.runtime, relabel)
     print(f"{Path(args.model).name} on {args.data}, scored on {scored}:\n")
     print(metrics_text(m))
     if args.out:

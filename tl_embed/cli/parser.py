@@ -49,9 +49,9 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def _stage_commands() -> list[Callable]:
-    from . import embedding, heads, search, serve
+    from . import audit, embedding, heads, search, serve
 
     return [embedding.register_models, embedding.register_embed, embedding.register_info,
             embedding.register_export, heads.register_train, heads.register_predict,
             heads.register_evaluate, heads.register_export_model, heads.register_classify, search.register_index,
-            search.register_search, search.register_dedup, serve.register_serve]
+            search.register_search, search.register_dedup, audit.register_audit, serve.register_serve]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,19 +65,31 @@ class TrainResult:
 
 def train_from_store(store_path: str | os.PathLike, head: str = DEFAULT_HEAD,
                      class_weight: str | None = None, test_size: float = 0.2, seed: int = 0,
-                     cv: int = 3, transform: str = "auto", hidden: int = 0) -> TrainResult:
-    """Train on the store's labelled training rows and evaluate on its held-out rows."""
+                     cv: int = 3, transform: str = "auto", hidden: int = 0, exclude: Collection[str] = (),
+                     relabel: Mapping[str, str] | None = None) -> TrainResult:
+    """Train on the store's labelled training rows and evaluate on its held-out rows.
+
+    ``exclude`` (store paths) leaves those rows out of training only: the held-out rows, and so the
+    accuracy, stay comparable with a run without it.  ``relabel`` (path -> label) replaces labels in
+    training and scoring alike.  Which rows are held out never depends on either.
+    """
     from .fit import fit_head  # scikit-learn: only training needs it
 
     with EmbeddingStore.open(store_path) as store:
         if len(store) == 0:
             raise TlEmbedError(f"store {store_path} is empty")
-        labels, splits = store.labels, store.splits
+        labels, splits, paths = store.labels, store.splits, store.paths
         tr, te, how = choose_split(labels, splits, test_size, seed)
+        trained_on = {"store_uid": store.uid, "held_out_split": _held_split(how), "test_size": test_size,
+                      "seed": seed, "train_rows": _rows_digest(paths[tr])}
+        if exclude:
+            left_out = np.isin(paths[tr], np.array(sorted(exclude), dtype=object))
+            _check_known(exclude, paths, "--exclude")
+            tr, trained_on["excluded"] = tr[~left_out], int(left_out.sum())
+        if relabel:
+            labels, trained_on["relabelled"] = _relabelled(labels, paths, relabel)
         X_tr, X_te = store.take(tr), store.take(te)  # only the labelled rows, chunk by chunk
         spec = store.spec
-        trained_on = {"store_uid": store.uid, "held_out_split": _held_split(how), "test_size": test_size,
-                      "seed": seed, "train_rows": _rows_digest(store.paths[tr])}
     if len(tr) == 0:
         raise TlEmbedError(f"store {store_path} has no labelled images (labels are sub-folder names)")
     fitted, info = fit_head(X_tr, labels[tr].astype(str), spec, head, class_weight, cv, seed,
@@ -88,6 +101,27 @@ def train_from_store(store_path: str | os.PathLike, head: str = DEFAULT_HEAD,
     fitted.metrics = {"held_out": how, **metrics.to_dict(), **info, "n_train": int(len(tr)),
                       "trained_on": trained_on}
     return TrainResult(fitted, metrics, how, int(len(tr)), info)
+
+
+def _check_known(listed: Collection[str], paths: np.ndarray, option: str) -> None:
+    """A list none of whose paths is in the store is a mistake (another store, absolute paths elsewhere)."""
+    if not np.isin(np.array(sorted(listed), dtype=object), paths).any():
+        example = next(iter(sorted(listed)))
+        raise TlEmbedError(f"{option}: none of its {len(listed)} paths is in the store (e.g. {example!r}); paths "
+                           "are relative to the store's image folder, as `tl-embed audit` writes them")
+
+
+def _relabelled(labels: np.ndarray, paths: np.ndarray, relabel: Mapping[str, str]) -> tuple[np.ndarray, int]:
+    """The store's labels with ``relabel``'s applied to its labelled rows, and how many changed."""
+    _check_known(relabel, paths, "--relabel")
+    out = labels.copy()
+    changed = 0
+    for row, path in enumerate(paths):
+        new = relabel.get(path)
+        if new is not None and out[row] is not None and out[row] != new:
+            out[row] = new
+            changed += 1
+    return out, changed
 
 
 def _held_split(how: str) -> str | None:
@@ -134,12 +168,14 @@ def trained_rows(head: Head, store: EmbeddingStore) -> np.ndarray | None:
     return mask
 
 
-def _store_rows(head: Head, store_path: str | os.PathLike,
-                split: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+def _store_rows(head: Head, store_path: str | os.PathLike, split: str | None,
+                relabel: Mapping[str, str] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """(X, labels, which rows) to score: by default the rows the head never saw, never its training rows."""
     with EmbeddingStore.open(store_path) as store:
         check_compatible(head.spec, store.spec, "the model")
         labels, splits = store.labels, store.splits
+        if relabel:
+            labels, _ = _relabelled(labels, store.paths, relabel)
         labelled = np.array([lab is not None for lab in labels], dtype=bool)
         seen = trained_rows(head, store)
         if split is not None:
@@ -170,17 +206,18 @@ def _store_rows(head: Head, store_path: str | os.PathLike,
 
 
 def evaluate_head(head: Head, target: str | os.PathLike, split: str | None = None,
-                  runtime: str = "auto") -> tuple[Metrics, str]:
+                  runtime: str = "auto", relabel: Mapping[str, str] | None = None) -> tuple[Metrics, str]:
     """Metrics of ``head`` on a labelled store or a labelled image folder, and which rows were scored.
 
     On the store a head was trained on, the default is the rows it was held out on; rows it was trained
     on are scored only when asked for by ``split``, and then said so.
     """
     if is_store(target):
-        X, labels, what = _store_rows(head, target, split)
+        X, labels, what = _store_rows(head, target, split, relabel)
     else:
-        if split is not None:
-            raise TlEmbedError("--split applies to a store; an image folder is scored whole")
+        if split is not None or relabel:
+            raise TlEmbedError(f"{'--split' if split is not None else '--relabel'} applies to a store; "
+                               "an image folder is scored whole, with its folder labels")
         from ..embedding.scan import label_and_split
 
         emb = embed_for(head.spec, [target], runtime)

@@ -57,8 +57,7 @@ def find_duplicates(store_path: str | os.PathLike, threshold: float = 0.95, mode
         n = len(store)
         if n < 2:
             return []
-        exact = mode == "exact" or (mode == "auto" and n <= exact_max)
-        pairs = _exact_pairs(store, threshold, progress) if exact else _ann_pairs(store, threshold, k, progress)
+        pairs = duplicate_pairs(store, threshold, mode, k, exact_max, progress)
         groups = _groups(n, pairs)
         if not groups:
             return []
@@ -69,7 +68,14 @@ def find_duplicates(store_path: str | os.PathLike, threshold: float = 0.95, mode
     return named
 
 
-def _bar(total: int, desc: str, progress: bool):
+def duplicate_pairs(store: EmbeddingStore, threshold: float, mode: str = "auto", k: int = 10,
+                    exact_max: int = EXACT_PAIRS_MAX, progress: bool = False) -> Pairs:
+    """Every pair of store rows (i < j) with cosine >= threshold, each once, by ``mode`` (see the module)."""
+    exact = mode == "exact" or (mode == "auto" and len(store) <= exact_max)
+    return _exact_pairs(store, threshold, progress) if exact else _ann_pairs(store, threshold, k, progress)
+
+
+def progress_bar(total: int, desc: str, progress: bool):
     """A progress bar on stderr, shown only for steps that last more than a second."""
     from tqdm import tqdm
 
@@ -77,9 +83,9 @@ def _bar(total: int, desc: str, progress: bool):
                 file=sys.stderr, dynamic_ncols=True)
 
 
-def _chunks(store: EmbeddingStore, desc: str, progress: bool) -> Iterator[tuple[int, np.ndarray]]:
+def normalised_chunks(store: EmbeddingStore, desc: str, progress: bool) -> Iterator[tuple[int, np.ndarray]]:
     """(start, L2-normalised float32 vectors) for the whole store in bounded chunks, with a progress bar."""
-    with _bar(len(store), desc, progress) as bar:
+    with progress_bar(len(store), desc, progress) as bar:
         for start, _, chunk in store.iter_chunks():
             yield start, prepare_vectors(chunk, "cosine")
             bar.update(len(chunk))
@@ -97,10 +103,10 @@ def _exact_pairs(store: EmbeddingStore, threshold: float, progress: bool) -> Pai
     """All pairs with cosine >= threshold: range search of every vector against a flat index of all."""
     faiss = load_faiss()
     index = faiss.IndexFlatIP(store.dim)
-    for _, x in _chunks(store, "dedup: reading", progress):
+    for _, x in normalised_chunks(store, "dedup: reading", progress):
         index.add(x)
     found = []
-    for start, x in _chunks(store, "dedup: exact search", progress):
+    for start, x in normalised_chunks(store, "dedup: exact search", progress):
         lims, sims, nbrs = index.range_search(x, threshold - 1e-6)
         rows = start + np.repeat(np.arange(len(x)), np.diff(lims).astype(np.int64))
         found.append((rows, nbrs.astype(np.int64), sims))
@@ -112,14 +118,14 @@ def _ann_pairs(store: EmbeddingStore, threshold: float, k: int, progress: bool) 
     from faiss.contrib.ivf_tools import search_preassigned
 
     n = len(store)
-    project = _fit_projection(store, PCA_SAMPLES, progress)
+    project = fit_projection(store, PCA_SAMPLES, progress)
     reduced = np.empty((n, min(store.dim, REDUCED_DIM)), np.float16)  # the queries, and the index's input
-    for start, x in _chunks(store, "dedup: projecting", progress):
+    for start, x in normalised_chunks(store, "dedup: projecting", progress):
         reduced[start:start + len(x)] = project(x)
-    index, probes = _ivf(reduced, progress)
+    index, probes = ivf_index(reduced, progress)
     radius = 2 * (1 - threshold) * 1.01 + 1e-4  # squared L2 at cosine = threshold, plus float16 rounding
     found = []
-    with _bar(n, "dedup: neighbours", progress) as bar:
+    with progress_bar(n, "dedup: neighbours", progress) as bar:
         for start in range(0, n, SEARCH_BATCH):
             q = reduced[start:start + SEARCH_BATCH].astype(np.float32)
             dist, nbrs = search_preassigned(index, q, min(k + 1, n), probes[start:start + len(q)].astype(np.int64))
@@ -130,7 +136,7 @@ def _ann_pairs(store: EmbeddingStore, threshold: float, k: int, progress: bool) 
     del index, reduced, probes
     i, j = (np.concatenate(a) for a in zip(*found, strict=True))
     i, j, _ = _canonical(n, i, j, np.zeros(len(i), np.float32))
-    s = _cosines(store, i, j)
+    s = pair_cosines(store, i, j)
     keep = s >= threshold - 1e-6
     return i[keep], j[keep], s[keep]
 
@@ -142,10 +148,10 @@ def ivf_lists(n: int) -> int:
     return 2 ** min(nearest, trainable)
 
 
-def _fit_projection(store: EmbeddingStore, samples: int, progress: bool):
+def fit_projection(store: EmbeddingStore, samples: int, progress: bool, task: str = "dedup"):
     """Centring, then projection onto the top principal axes fitted on an evenly spread sample (if dim is larger)."""
     step = max(1, len(store) // samples)
-    chunks = _chunks(store, "dedup: sampling", progress)
+    chunks = normalised_chunks(store, f"{task}: sampling", progress)
     sample = np.concatenate([x[(-start) % step::step].copy() for start, x in chunks])  # copies: chunks are freed
     mean = sample.mean(axis=0)
     if store.dim <= REDUCED_DIM:
@@ -159,7 +165,7 @@ def _fit_projection(store: EmbeddingStore, samples: int, progress: bool):
     return lambda x: (x - mean) @ axes
 
 
-def _ivf(reduced: np.ndarray, progress: bool):
+def ivf_index(reduced: np.ndarray, progress: bool, task: str = "dedup"):
     """An IVF-Flat (L2) index of the reduced vectors (ids = store positions), and each vector's probe lists.
 
     The coarse assignment of every vector to its nprobe nearest lists is computed once and used
@@ -176,7 +182,7 @@ def _ivf(reduced: np.ndarray, progress: bool):
     index.train(reduced[:: max(1, n // (nlist * TRAIN_PER_LIST))].astype(np.float32))
     index.nprobe = min(NPROBE, nlist)
     probes = np.empty((n, index.nprobe), np.int32)
-    with _bar(n, "dedup: indexing", progress) as bar:
+    with progress_bar(n, f"{task}: indexing", progress) as bar:
         for start in range(0, n, SEARCH_BATCH):
             x = reduced[start:start + SEARCH_BATCH].astype(np.float32)
             lists = index.quantizer.search(x, index.nprobe)[1]
@@ -186,7 +192,7 @@ def _ivf(reduced: np.ndarray, progress: bool):
     return index, probes
 
 
-def _cosines(store: EmbeddingStore, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+def pair_cosines(store: EmbeddingStore, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Exact cosine of each pair (i[p], j[p]) from the store's full vectors.
 
     The rows involved are gathered (normalised, float32) in blocks of at most VERIFY_BYTES, one streamed
