@@ -1,4 +1,5 @@
-"""One-image `tl-embed predict` and `tl-embed search`, each a fresh process, timed end to end.
+"""One-image `tl-embed predict` and `tl-embed search`, and `tl-embed embed` of 10 new images into an existing
+store, each a fresh process, timed end to end.
 
 Setup (temp folder): 30 real photos from ../shared/datasets/pets3 embedded with MobileNetV2 (genuine
 weights via a temporary KERAS_HOME), a logistic-regression head and a Flat index.  Then, per command:
@@ -9,7 +10,8 @@ weights via a temporary KERAS_HOME), a logistic-regression head and a Flat index
 * ``cold``: the first run once the IR is cached (OpenVINO compiles it and caches the compiled blob);
 * ``warm``: the median of the next --runs runs (IR and compiled blob cached, OS file cache warm).
 
-Each line also says whether the process imported TensorFlow.
+For ``embed`` each run adds the same 10 new photos to a fresh copy of the 30-photo store (the copy is made
+before the clock starts).  Each line also says whether the process imported TensorFlow.
 
     python benchmarks/startup.py [--runs 5]
 """
@@ -29,6 +31,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
+sys.path.insert(0, str(HERE))
+
+from machine import describe_cpu  # noqa: E402
+
 PROBE = ("import sys; from tl_embed.cli import main; rc = main(sys.argv[1:]); "
          "print('TF' if 'tensorflow' in sys.modules else 'noTF', file=sys.stderr); sys.exit(rc)")
 
@@ -46,6 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
+    print(describe_cpu())
     with tempfile.TemporaryDirectory(prefix="tl_embed_startup-") as tmp_str:
         tmp = Path(tmp_str)
         home = tmp / "keras_home" / "models"
@@ -54,24 +61,37 @@ def main() -> None:
             if f.suffix in (".h5", ".json"):
                 (home / f.name).symlink_to(f.resolve())
         photos = tmp / "photos"
-        for f in sorted((SHARED / "datasets" / "pets3" / "train").rglob("*.jpg"))[::12][:30]:
+        pool = sorted((SHARED / "datasets" / "pets3" / "train").rglob("*.jpg"))
+        for f in pool[::12][:30]:
             (photos / f.parent.name).mkdir(parents=True, exist_ok=True)
             (photos / f.parent.name / f.name).symlink_to(f.resolve())
+        new = [f for f in pool[5::12] if not (photos / f.parent.name / f.name).exists()][:10]
         query = str(next((SHARED / "datasets" / "pets3" / "test").rglob("*.jpg")))
         env = {**os.environ, "KERAS_HOME": str(home.parent), "TL_EMBED_CACHE": str(tmp / "setup_cache"),
                "PYTHONPATH": str(HERE.parent)}
         for step in (["embed", str(photos), "--out", str(tmp / "s.tle")], ["train", str(tmp / "s.tle"), "--out",
                      str(tmp / "m.tlh")], ["index", str(tmp / "s.tle"), "--out", str(tmp / "i.tli")]):
             run(step, env)
+        for f in new:  # in the folder from now on; the store in s.tle does not hold them
+            (photos / f.parent.name / f.name).symlink_to(f.resolve())
+        grown = tmp / "grown.tle"
         commands = {"predict": ["predict", str(tmp / "m.tlh"), query],
-                    "search": ["search", str(tmp / "i.tli"), query, "-k", "5"]}
+                    "search": ["search", str(tmp / "i.tli"), query, "-k", "5"],
+                    "embed": ["embed", str(photos), "--out", str(grown), "-q"]}
         print(f"{'command':<9}{'case':<16}{'seconds':>9}  tensorflow imported")
         for name, cmd in commands.items():
             cache = tmp / f"cache_{name}"
             fresh = {**env, "TL_EMBED_CACHE": str(cache)}
-            rows = [("no IR cache", *run(cmd, fresh)), ("keras runtime", *run(cmd + ["--runtime", "keras"], fresh)),
-                    ("cold", *run(cmd, fresh))]
-            warm = [run(cmd, fresh) for _ in range(args.runs)]
+
+            def timed(argv: list[str], name: str = name, fresh: dict = fresh) -> tuple[float, bool]:
+                if name == "embed":  # 10 new images each time: a fresh copy of the 30-image store
+                    shutil.rmtree(grown, ignore_errors=True)
+                    shutil.copytree(tmp / "s.tle", grown)
+                return run(argv, fresh)
+
+            rows = [("no IR cache", *timed(cmd)), ("keras runtime", *timed(cmd + ["--runtime", "keras"])),
+                    ("cold", *timed(cmd))]
+            warm = [timed(cmd) for _ in range(args.runs)]
             median = statistics.median(t for t, _ in warm)
             rows.append((f"warm (median {args.runs})", median, any(tf for _, tf in warm)))
             for case, seconds, tf in rows:
