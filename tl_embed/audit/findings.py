@@ -27,7 +27,7 @@ class LabelIssue:
     given: str
     suggested: str
     confidence: float  # out-of-fold probability of the suggested label
-    score: float  # in [0, 1]: 1 - the out-of-fold probability of the given label (the rank: higher first)
+    score: float  # suspicion in [0, 1], higher first: above 0.5 when another class is more probable (see run.py)
     neighbours: tuple[Neighbour, ...] = ()
     split: str | None = None
 

@@ -28,7 +28,8 @@ def register_audit(sub) -> None:
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="html: one self-contained page with thumbnails; json or csv for scripts (csv has a "
                         "path column that train --exclude reads). Default: from --out's suffix, else html")
-    p.add_argument("-k", type=positive_int, default=10, help="nearest neighbours per image (evidence, outliers)")
+    p.add_argument("-k", type=positive_int, default=20,
+                   help="nearest neighbours per image: their labels join the label check; evidence; outliers")
     p.add_argument("--threshold", type=float, default=0.95,
                    help="cosine similarity at which two images are near-duplicates (as dedup --threshold)")
     p.add_argument("--head", default=DEFAULT_HEAD, choices=HEADS,
