@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tl_embed.audit.confident import (
+    blend,
     confident_joint,
     find_label_issues,
     label_quality,
@@ -42,11 +43,19 @@ def test_confident_joint_by_hand():
 def test_prune_by_noise_rate_by_hand():
     # cell (0, 1) = 2: the two labelled-0 rows with the largest P1 - P0 (rows 3 and 4); cell (1, 0) = 1: row 7.
     # Ranked by self-confidence: row 3 (.2), row 7 (.3), row 4 (.4)
+    assert find_label_issues(HAND_LABELS, HAND_PROBA, method="prune_by_noise_rate").tolist() == [3, 7, 4]
+    assert np.allclose(label_quality(HAND_LABELS, HAND_PROBA, "self_confidence"),
+                       1 - HAND_PROBA[np.arange(9), HAND_LABELS])
+
+
+def test_margin_flags_as_many_rows_by_normalized_margin():
+    # 3 rows (the count above) among those another class beats: rows 3, 4, 7 (row 8's .5/.5 tie is no
+    # dispute), by (1 - own + best other) / 2: row 3 .8, row 7 .7, row 4 .6
+    margin = label_quality(HAND_LABELS, HAND_PROBA)
+    assert np.allclose(margin[[3, 7, 4, 8, 0]], [.8, .7, .6, .5, .1])
     assert find_label_issues(HAND_LABELS, HAND_PROBA).tolist() == [3, 7, 4]
-    quality = label_quality(HAND_LABELS, HAND_PROBA)
-    assert np.allclose(quality, 1 - HAND_PROBA[np.arange(9), HAND_LABELS])
-    margin = label_quality(HAND_LABELS, HAND_PROBA, rank_by="normalized_margin")
-    assert ((margin >= 0) & (margin <= 1)).all() and margin[3] > margin[4] > margin[0]
+    with pytest.raises(TlEmbedError, match="unknown method"):
+        find_label_issues(HAND_LABELS, HAND_PROBA, method="both")
 
 
 def test_a_flipped_label_is_ranked_first():
@@ -138,5 +147,11 @@ def test_neighbour_labels_are_similarity_weighted_shares():
     labels = np.array([0, 1, 1, 2])
     q = neighbour_label_proba(np.array([[1, 2], [0, 3]]), np.array([[.9, .3], [.5, .5]]), labels, 3)
     assert np.allclose(q, [[0, 1, 0], [.5, 0, .5]])
+    none = neighbour_label_proba(np.array([[3, -1], [-1, -1]]), np.array([[.5, np.nan], [-np.inf, np.nan]]),
+                                 labels, 3)
+    assert np.allclose(none, [[0, 0, 1], [0, 0, 0]])  # missing neighbours count for nothing
+    proba = np.array([[.6, .3, .1], [.2, .2, .6]])
+    assert np.allclose(blend(proba, none)[1], proba[1])  # ... and a row with none keeps its probabilities
+    assert np.allclose(blend(proba, none).sum(1), 1)
     blended = find_label_issues(HAND_LABELS, HAND_PROBA, neighbour_proba=HAND_PROBA)
     assert blended.tolist() == [3, 7, 4]  # blending the same view in changes nothing
