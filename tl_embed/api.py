@@ -61,16 +61,20 @@ def export_model(head: Head | Pathish, fmt: str, out: Pathish):
 
 def build_index(store: Pathish, out: Pathish, kind: str = "auto", metric: str = "cosine",
                 max_memory: float | None = None, target_recall: float = TARGET_RECALL,
-                rerank: bool | None = None, quiet: bool = False):
+                rerank: bool | None = None, quiet: bool = False, whiten: bool = False,
+                whiten_dim: int | None = None, whiten_power: float | None = None, dba: int = 0):
     """Build or update the FAISS index of a store at ``out`` (``tl-embed index``), and return it open.
 
     ``kind`` is ``index --type`` (auto chooses by size and ``max_memory`` bytes); its recall is measured on
-    held-out rows and printed unless ``quiet``.
+    held-out rows and printed unless ``quiet``.  ``whiten``/``whiten_dim``/``whiten_power`` and ``dba``
+    are ``--whiten``, ``--whiten-dim``, ``--whiten-power`` and ``--dba``; search with query expansion
+    through ``index.search(..., qe=N)`` and score it with ``tl_embed.search.evaluate_search``.
     """
     from .search.index import Index
 
     return Index.build(store, out, kind, metric, max_memory, target_recall,
-                       log=(lambda *_: None) if quiet else print, rerank=rerank)
+                       log=(lambda *_: None) if quiet else print, rerank=rerank, whiten=whiten,
+                       whiten_dim=whiten_dim, whiten_power=whiten_power, dba=dba)
 
 
 def _head(head: Head | Pathish) -> Head:

@@ -54,4 +54,5 @@ def _stage_commands() -> list[Callable]:
     return [embedding.register_models, embedding.register_embed, embedding.register_info,
             embedding.register_export, heads.register_train, heads.register_predict,
             heads.register_evaluate, heads.register_export_model, heads.register_classify, search.register_index,
+            search.register_evaluate_search,
             search.register_search, search.register_dedup, audit.register_audit, serve.register_serve]

@@ -1,4 +1,4 @@
-"""Commands around similarity search: index, search, dedup."""
+"""Commands around similarity search: index, search, evaluate-search, dedup."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 
 from ..kinds import INDEX, STORE
 from ..wording import count
-from .options import add_command, add_runtime_option, fraction, positive_int
+from .options import add_command, add_runtime_option, fraction, non_negative_int, positive_int
 
 
 # ----------------------------------------------------------------- index
@@ -24,7 +24,9 @@ def register_index(sub) -> None:
              "Build a FAISS index over the store's embeddings (or bring an existing one up to date: "
              "new vectors are added and removed ones removed, without a rebuild where the type "
              "allows). Streams the store in bounded memory; prints recall@10 against exact search on "
-             "held-out rows, memory, single-query latency and batch QPS.")
+             "held-out rows, memory, single-query latency and batch QPS. For retrieval, "
+             "--whiten-power 0 --whiten-dim 256 --dba 2 measured better than the default on every photo "
+             "set of benchmarks/retrieval.py (check yours with `tl-embed evaluate-search`).")
     p.add_argument("store")
     p.add_argument("--out", "-o", required=True, help="index folder to write (e.g. photos.tli)")
     p.add_argument("--type", default="auto",
@@ -38,6 +40,17 @@ def register_index(sub) -> None:
                    help="approximate indexes: smallest nprobe/efSearch reaching this recall@10")
     p.add_argument("--no-rerank", dest="rerank", action="store_const", const=False, default=None,
                    help="lossy codes (SQ8, PQ): do not re-rank the shortlist with the store's vectors")
+    p.add_argument("--whiten", action="store_true",
+                   help="PCA-whiten the vectors (fitted on this store, kept in the index, applied to every "
+                        "query too); cosine only")
+    p.add_argument("--whiten-dim", type=positive_int, default=None, metavar="D",
+                   help="whiten and keep only the first D principal components (implies --whiten)")
+    p.add_argument("--whiten-power", type=fraction, default=None, metavar="P",
+                   help="how strongly to whiten (implies --whiten; default 0.5, full whitening): each component "
+                        "is scaled by its variance ^ -P; 0 only centres and projects")
+    p.add_argument("--dba", type=non_negative_int, default=0, metavar="N",
+                   help="database-side augmentation: index each vector merged with its N nearest neighbours "
+                        "(0: off); cosine only")
     p.set_defaults(func=cmd_index, reads={"store": (STORE,)}, writes=INDEX)
 
 
@@ -59,8 +72,15 @@ def cmd_index(args) -> None:
     from ..search.index import Index
 
     idx = Index.build(args.store, args.out, args.type, args.metric, args.max_memory, args.target_recall,
-                      rerank=args.rerank)
+                      rerank=args.rerank, whiten=args.whiten, whiten_dim=args.whiten_dim,
+                      whiten_power=args.whiten_power, dba=args.dba)
     print(idx.describe())
+
+
+def add_qe_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--qe", type=non_negative_int, default=0, metavar="N",
+                   help="query expansion: search again with each query merged with its top N results "
+                        "(0: off)")
 
 
 def register_search(sub) -> None:
@@ -74,6 +94,7 @@ def register_search(sub) -> None:
                    help="query at most this many of the given images, evenly spread (a sample)")
     p.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
     p.add_argument("--out", default="search.html", help="with --format html: the page to write")
+    add_qe_option(p)
     add_runtime_option(p)
     p.set_defaults(func=cmd_search, reads={"index": (INDEX,)})
 
@@ -86,7 +107,7 @@ def cmd_search(args) -> None:
     queries = expand_inputs(args.queries) if any(Path(q).is_dir() for q in args.queries) else args.queries
     if args.limit and len(queries) > args.limit:
         queries = [queries[round(i)] for i in np.linspace(0, len(queries) - 1, args.limit)]
-    results = idx.search(queries, args.k, args.runtime, exclude_self=True)
+    results = idx.search(queries, args.k, args.runtime, exclude_self=True, qe=args.qe)
     score = "similarity" if idx.meta["metric"] == "cosine" else "distance"
     if args.format == "html":
         from ..search.sheet import contact_sheet
@@ -110,6 +131,32 @@ def cmd_search(args) -> None:
             print(f"query {q}")
             for h in hits:
                 print(f"  {h.rank:>3}  {h.score:.4f}  {h.path}")
+
+
+def register_evaluate_search(sub) -> None:
+    p = add_command(sub, "evaluate-search", "score an index's retrieval on labelled images: mAP, recall@k",
+                    "Score how well an index retrieves images of the same label: every labelled image of its "
+                    "store is a query against all the others (itself left out), or the labelled images of "
+                    "--queries are. Prints mAP over each query's ranked list and recall@1/5/10, the share of "
+                    "queries with an image of their label among the first k.")
+    p.add_argument("index", help="index folder from `tl-embed index`")
+    p.add_argument("--queries", default=None, metavar="STORE",
+                   help="labelled store of query images (same backbone), instead of the index's own images")
+    add_qe_option(p)
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="at most this many queries, evenly spread (a sample, for large stores)")
+    p.add_argument("--format", choices=["text", "json"], default="text", help="output format")
+    p.set_defaults(func=cmd_evaluate_search, reads={"index": (INDEX,), "queries": (STORE,)})
+
+
+def cmd_evaluate_search(args) -> None:
+    from ..search.evaluate import evaluate_search
+
+    scores = evaluate_search(args.index, args.queries, args.qe, args.limit)
+    if args.format == "json":
+        print(json.dumps({"index": args.index, "query_store": args.queries, **scores.to_dict()}, indent=2))
+    else:
+        print(f"{args.index}: {scores.describe()}")
 
 
 def register_dedup(sub) -> None:

@@ -1,4 +1,4 @@
-"""Similarity search on stored embeddings: FAISS indexes, near-duplicates, contact sheets."""
+"""Similarity search on stored embeddings: FAISS indexes, their retrieval scores, near-duplicates, contact sheets."""
 
 from ..lazy import lazy_exports
 
@@ -6,6 +6,7 @@ _PUBLIC = {
     "Index": "tl_embed.search.index",
     "SearchHit": "tl_embed.search.index",
     "choose_factory": "tl_embed.search.index",
+    "evaluate_search": "tl_embed.search.evaluate",
     "find_duplicates": "tl_embed.search.dedup",
     "prepare_vectors": "tl_embed.search.build",
 }

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..embedding.store import EmbeddingStore
 from ..errors import TlEmbedError
-from .build import prepare_vectors
+from .build import Space
 from .storage import lookup
 
 RERANK_BLOCK = 64  # queries re-ranked together (their shortlists' vectors in RAM at once)
@@ -43,21 +43,30 @@ class Reranker:
                                    "store; rebuild the index")
             return cls(store)
 
-    def rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int, metric: str):
+    def vectors(self, ids: np.ndarray, space: Space) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, found) of store ids (any shape) mapped into ``space``: zeros where ``found`` is False
+        (id -1, or an id the store no longer holds)."""
+        flat = np.asarray(ids, np.int64).ravel()
+        pos = lookup(self.ids, self.order, flat)
+        ok = (flat >= 0) & (pos >= 0)
+        vec = np.zeros((len(flat), space.dim(self.store.dim)), np.float32)
+        if ok.any():
+            vec[ok] = space(self.store.take(pos[ok]))
+        return vec.reshape(*np.shape(ids), -1), ok.reshape(np.shape(ids))
+
+    def rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int, space: Space):
         """(scores, ids) of the best k of each query's candidates, scored on full-precision vectors.
 
         Candidates the store no longer holds (removed since the index was built) are dropped.
         """
+        metric = space.metric
         worst = -np.inf if metric == "cosine" else np.inf
         scores = np.full((len(queries), k), worst, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
         for b in range(0, len(queries), RERANK_BLOCK):
             cand = candidates[b:b + RERANK_BLOCK]
             uniq, inv = np.unique(cand, return_inverse=True)
-            pos = lookup(self.ids, self.order, uniq)
-            ok = (uniq >= 0) & (pos >= 0)
-            vec = np.zeros((len(uniq), queries.shape[1]), np.float32)
-            vec[ok] = prepare_vectors(self.store.take(pos[ok]), metric)
+            vec, ok = self.vectors(uniq, space)
             v = vec[inv.reshape(cand.shape)]
             q = queries[b:b + RERANK_BLOCK]
             s = np.einsum("bsd,bd->bs", v, q) if metric == "cosine" else ((v - q[:, None, :]) ** 2).sum(-1)

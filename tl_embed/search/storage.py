@@ -6,6 +6,10 @@ the id table, then the serialized FAISS index.  The id table is three arrays, no
 ``n`` int64 store ids, ``n + 1`` int64 offsets and one UTF-8 blob of paths relative to the store's
 image root: 16 bytes plus the path per vector (about 35 MB at a million images, read with one
 ``read``; format 1's JSON list, about 60 MB, is parsed into a million Python lists on every open).
+Format 3 is format 2 with one more part before the FAISS index: named arrays (an uncompressed ``.npz``,
+read without pickle) that the index applies to vectors, such as its whitening (see :mod:`.whiten`).  It
+is written only by an index that has such arrays, so every other index stays readable by releases that
+know format 2 alone.
 
 The file is written with :func:`~tl_embed.files.atomic_write` (temp file, fsync, rename): the FAISS
 index is streamed into it (no second in-memory copy of a GB-sized index), then the header with sizes
@@ -18,6 +22,7 @@ one, never a new index with an old id table.  Writers hold an flock on ``NAME.tl
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import struct
@@ -33,11 +38,13 @@ from ..kinds import INDEX, INDEX_FILE, OLD_INDEX_FILES, require_output
 
 DATA_FILE, LOCK_FILE = INDEX_FILE, ".lock"
 OLD_FILES = OLD_INDEX_FILES  # the format before index.bin: two files renamed separately
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MAGIC = b"TLINDEX\n"
 PREFIX = struct.Struct("<8sI")  # magic, format version: the start of every version's header
-HEADER = struct.Struct("<8sIQQQI")  # magic, version, meta, table and FAISS bytes, CRC-32 of the three
+HEADER_V3 = struct.Struct("<8sIQQQQI")  # magic, version, meta, table, arrays and FAISS bytes, CRC-32 of the four
+HEADER = struct.Struct("<8sIQQQI")  # format 2: magic, version, meta, table and FAISS bytes, CRC-32 of the three
 HEADER_V1 = struct.Struct("<8sIQQI")  # magic, version, meta bytes, FAISS bytes, CRC-32 of both
+HEADERS = {1: HEADER_V1, 2: HEADER, 3: HEADER_V3}
 REQUIRED_META = ("spec", "factory", "metric", "store", "root")
 
 
@@ -129,19 +136,25 @@ def lookup(keys: np.ndarray, order: np.ndarray, wanted: np.ndarray) -> np.ndarra
     return np.where(keys[found] == wanted, found, -1)
 
 
-def write(path: Path, faiss_index, table: IdTable, meta: dict) -> int:
-    """Write meta, id table and FAISS index as one file, atomically; returns the bytes they take."""
+def write(path: Path, faiss_index, table: IdTable, meta: dict, arrays: dict[str, np.ndarray] | None = None) -> int:
+    """Write meta, id table, arrays (format 3, if any) and FAISS index as one file, atomically.
+
+    Returns the bytes they take.
+    """
     import faiss
 
     meta_bytes = json.dumps(meta).encode()
     table_bytes = table.to_bytes()
+    array_bytes = _array_bytes(arrays) if arrays else b""
+    header = HEADER_V3 if arrays else HEADER
     sizes = {}
 
     def write_parts(f) -> None:
-        f.write(b"\0" * HEADER.size)
+        f.write(b"\0" * header.size)
         f.write(meta_bytes)
         f.write(table_bytes)
-        crc = zlib.crc32(table_bytes, zlib.crc32(meta_bytes))
+        f.write(array_bytes)
+        crc = zlib.crc32(array_bytes, zlib.crc32(table_bytes, zlib.crc32(meta_bytes)))
         written = 0
 
         def sink(chunk: bytes) -> None:
@@ -154,18 +167,35 @@ def write(path: Path, faiss_index, table: IdTable, meta: dict) -> int:
         faiss.write_index(faiss_index, writer)
         del writer  # flushes its last buffer into sink
         f.seek(0)
-        f.write(HEADER.pack(MAGIC, FORMAT_VERSION, len(meta_bytes), len(table_bytes), written, crc))
+        parts = (len(meta_bytes), len(table_bytes), *([len(array_bytes)] if arrays else []), written)
+        f.write(header.pack(MAGIC, 3 if arrays else 2, *parts, crc))
         f.seek(0, os.SEEK_END)
         sizes["index"] = written
 
     atomic_write(path / DATA_FILE, write_parts)
     for name in OLD_FILES:
         (path / name).unlink(missing_ok=True)
-    return sizes["index"] + len(table_bytes)
+    return sizes["index"] + len(table_bytes) + len(array_bytes)
 
 
-def read(path: Path) -> tuple[object, IdTable, dict]:
-    """(FAISS index, id table, meta) of the index at ``path``; IndexDamagedError if it is damaged."""
+def _array_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _arrays(path: Path, data: bytes) -> dict[str, np.ndarray]:
+    if not data:
+        return {}
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, EOFError) as e:  # zipfile.BadZipFile is an OSError
+        raise IndexDamagedError(path, f"its arrays are unreadable ({type(e).__name__}: {e})") from None
+
+
+def read(path: Path) -> tuple[object, IdTable, dict, dict[str, np.ndarray]]:
+    """(FAISS index, id table, meta, arrays) of the index at ``path``; IndexDamagedError if it is damaged."""
     for _ in range(2):  # an old-format index converted meanwhile: its files go once DATA_FILE exists
         try:
             with open(path / DATA_FILE, "rb") as f:
@@ -186,39 +216,43 @@ def read(path: Path) -> tuple[object, IdTable, dict]:
     raise TlEmbedError(f"{path} is not a tl_embed index; build one with `tl-embed index STORE --out {path}`")
 
 
-def _read(path: Path, f) -> tuple[object, IdTable, dict]:
+def _read(path: Path, f) -> tuple[object, IdTable, dict, dict[str, np.ndarray]]:
     start = f.read(PREFIX.size)
     if len(start) < PREFIX.size or start[:len(MAGIC)] != MAGIC:
         raise IndexDamagedError(path, f"{DATA_FILE} is not a tl_embed index file")
     version = PREFIX.unpack(start)[1]
     if version > FORMAT_VERSION:
         raise TlEmbedError(f"index {path} was written by a newer tl_embed (format {version}); upgrade to read it")
-    header = HEADER if version == FORMAT_VERSION else HEADER_V1
+    header = HEADERS.get(version)
+    if header is None:
+        raise IndexDamagedError(path, f"{DATA_FILE} has an unknown format version {version}")
     rest = f.read(header.size - PREFIX.size)
     if len(rest) < header.size - PREFIX.size:
         raise IndexDamagedError(path, f"{DATA_FILE} is not a tl_embed index file")
     _, _, *lengths, crc = header.unpack(start + rest)
     meta_len, data_len = lengths[0], lengths[-1]
-    table_len = lengths[1] if len(lengths) == 3 else 0
+    table_len = lengths[1] if len(lengths) >= 3 else 0
+    arrays_len = lengths[2] if len(lengths) == 4 else 0
     size = os.fstat(f.fileno()).st_size
     if size != header.size + sum(lengths):
         raise IndexDamagedError(path, f"{DATA_FILE} has {size} bytes, its header says {header.size + sum(lengths)}")
     meta_bytes = f.read(meta_len)
     table_bytes = f.read(table_len)
-    reader = _CrcReader(f, zlib.crc32(table_bytes, zlib.crc32(meta_bytes)))
+    array_bytes = f.read(arrays_len)
+    reader = _CrcReader(f, zlib.crc32(array_bytes, zlib.crc32(table_bytes, zlib.crc32(meta_bytes))))
     index = _read_faiss(path, reader)
     if reader.crc != crc:
         raise IndexDamagedError(path, f"{DATA_FILE} fails its checksum")
     meta = _parse_meta(path, meta_bytes, needs_paths=version < 2)
-    meta["memory_bytes"] = data_len + table_len
-    return index, _table(path, meta, table_bytes), meta
+    meta["memory_bytes"] = data_len + table_len + arrays_len
+    return index, _table(path, meta, table_bytes), meta, _arrays(path, array_bytes)
 
 
-def _read_old(path: Path) -> tuple[object, IdTable, dict]:
+def _read_old(path: Path) -> tuple[object, IdTable, dict, dict[str, np.ndarray]]:
     meta = _parse_meta(path, (path / OLD_FILES[1]).read_bytes(), needs_paths=True)
     with open(path / OLD_FILES[0], "rb") as f:
         index = _read_faiss(path, _CrcReader(f, 0))
-    return index, _table(path, meta, b""), meta
+    return index, _table(path, meta, b""), meta, {}
 
 
 def _table(path: Path, meta: dict, data: bytes) -> IdTable:

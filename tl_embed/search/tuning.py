@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..embedding.store import EmbeddingStore
-from .build import prepare_vectors
+from .build import Space
 
 PROBES = 500  # held-out queries (at most a tenth of the store)
 K = 10
@@ -31,13 +31,13 @@ def probe_positions(n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, count, replace=False)) if count else np.zeros(0, np.int64)
 
 
-def exact_truth(store: EmbeddingStore, queries: np.ndarray, metric: str, k: int, skip: np.ndarray) -> np.ndarray:
-    """Store ids of the exact k nearest rows to each (prepared) query, leaving out rows ``skip``."""
+def exact_truth(store: EmbeddingStore, queries: np.ndarray, space: Space, k: int, skip: np.ndarray) -> np.ndarray:
+    """Store ids of the exact k nearest rows to each (mapped) query in ``space``, leaving out rows ``skip``."""
     best_s = np.full((len(queries), k), -np.inf, np.float32)
     best_i = np.full((len(queries), k), -1, np.int64)
     for start, ids, chunk in store.iter_chunks():
-        x = prepare_vectors(chunk, metric)
-        s = queries @ x.T if metric == "cosine" else 2 * queries @ x.T - (x * x).sum(1)  # larger is nearer
+        x = space(chunk)
+        s = queries @ x.T if space.metric == "cosine" else 2 * queries @ x.T - (x * x).sum(1)  # larger is nearer
         lo, hi = np.searchsorted(skip, [start, start + len(x)])
         s[:, skip[lo:hi] - start] = -np.inf
         s = np.concatenate([best_s, s], 1)

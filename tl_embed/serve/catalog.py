@@ -20,9 +20,10 @@ from ..embedding.backbones import check_compatible
 from ..embedding.images import IMAGE_SUFFIXES, PIL_FORMATS, to_rgb
 from ..embedding.store import EmbeddingStore
 from ..errors import TlEmbedError
-from ..search.index import Index, load_faiss, prepare_vectors
+from ..search.index import Index, load_faiss
 
 MAX_K = 100  # neighbours one query may ask for
+MAX_QE = MAX_K  # results one query may be expanded with (/search's qe)
 FETCH = MAX_K + 1  # one more: a stored image's query drops itself
 THUMBNAIL_MAX = 1024
 THUMBNAIL_PIXELS = 100_000_000  # a stored file this large is not thumbnailed on request
@@ -116,16 +117,25 @@ class Catalog:
         return [[(int(i), float(s)) for s, i in zip(srow, irow, strict=True) if i >= 0]
                 for srow, irow in zip(scores, ids, strict=True)]
 
-    def labelled(self, vector: np.ndarray, label: str, fetch: int) -> list[tuple[int, float]]:
-        """The ``fetch`` nearest images labelled ``label``, compared exactly.
+    def expanded(self, vector: np.ndarray, qe: int, exclude: int | None) -> list[tuple[int, float]]:
+        """The FETCH nearest (id, score) of one query expanded with its top ``qe`` results other than
+        ``exclude`` (αQE): two index searches, in the caller's thread rather than the search batcher's."""
+        scores, ids = self.index.search_scored(vector[None, :], FETCH, qe, [exclude])
+        return [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+
+    def labelled(self, vector: np.ndarray, label: str, fetch: int, qe: int = 0,
+                 exclude: int | None = None) -> list[tuple[int, float]]:
+        """The ``fetch`` nearest images labelled ``label``, compared exactly in the index's space (whitened,
+        DBA-augmented vectors where the index has them); with ``qe``, the query is first expanded with its
+        top results among all images.
 
         A label's subset is small enough for exact search, and an index cannot filter cheaply.
         """
         if label not in self.label_rows:
             raise NotFound(f"no stored image is labelled {label!r}")
         rows = self.label_rows[label]
-        q = prepare_vectors(vector[None, :], self.metric)[0]
-        x = prepare_vectors(self.vectors[rows], self.metric)
+        q = self.index.queries(vector[None, :], qe, [exclude])[0]
+        x = self.index.vectors_of(self.ids[rows])
         if self.metric == "cosine":
             scores = x @ q
             order = np.argsort(-scores)[:fetch]

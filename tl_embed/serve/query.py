@@ -1,5 +1,7 @@
 """The query /search and /predict share, as a dependency: an upload (multipart), a stored image or a vector (JSON).
 
+/search also takes ``qe`` (query expansion); /predict refuses it, as its API description says.
+
 Decoding runs through the same guards as ``tl-embed embed`` (bombs, truncated files) with a lower pixel
 cap, in a bounded number of threads, and each embedding has a deadline, so one request can neither crash
 nor hang a worker.  The body is read here, not by FastAPI, so that every refusal is ours, in our words.
@@ -20,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, ValidationEr
 from starlette.datastructures import UploadFile
 
 from ..embedding.images import ImageDecodeError, decode_bytes
-from .catalog import MAX_K
+from .catalog import MAX_K, MAX_QE
 from .errors import ApiError, validation_text
 from .service import Service, ServiceDep
 
@@ -28,6 +30,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)  # a query vector's numbers are fl
 UPLOAD_PIXELS = 50_000_000  # an upload's header may claim at most this; more is refused as a bomb
 EMBED_TIMEOUT = 30.0  # seconds; a request never waits longer for its embedding
 K_PATTERN = r"^[1-9][0-9]{0,8}$"  # a form's k: ASCII digits, no sign, no leading zero
+QE_PATTERN = r"^(0|[1-9][0-9]{0,8})$"  # a form's qe: the same, or 0
 
 
 class JsonQuery(BaseModel):
@@ -40,6 +43,7 @@ class JsonQuery(BaseModel):
     vector: list[StrictFloat] | None = None
     k: StrictInt = 10  # its range is checked by parse_k, in our words
     label: str | None = None
+    qe: StrictInt = 0  # /search only; its range is checked by parse_qe
 
     @model_validator(mode="before")
     @classmethod
@@ -66,6 +70,7 @@ class ParsedQuery:
     k: int
     label: str | None
     exclude: int | None = None  # a stored image is not its own neighbour
+    qe: int = 0  # /search: expand the query with this many top results
 
 
 async def started() -> float:
@@ -78,27 +83,38 @@ Started = Annotated[float, Depends(started)]
 
 
 async def parse_query(request: Request, service: ServiceDep) -> ParsedQuery:
-    """The query of a /search or /predict request, by its content type; 415 for any other."""
+    """The query of a /predict request, by its content type; 415 for any other."""
+    return await _parse(request, service, search=False)
+
+
+async def parse_search_query(request: Request, service: ServiceDep) -> ParsedQuery:
+    """The query of a /search request: a /predict query that may also give ``qe``."""
+    return await _parse(request, service, search=True)
+
+
+async def _parse(request: Request, service: Service, search: bool) -> ParsedQuery:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        return await _from_form(request, service)
+        return await _from_form(request, service, search)
     if ctype == "application/json":
-        return await _from_json(request, service)
+        return await _from_json(request, service, search)
     raise ApiError(415, "send multipart/form-data with an 'image' file field, or JSON with id, path or vector")
 
 
 QueryDep = Annotated[ParsedQuery, Depends(parse_query)]
+SearchQueryDep = Annotated[ParsedQuery, Depends(parse_search_query)]
 
 
-async def _from_form(request: Request, service: Service) -> ParsedQuery:
+async def _from_form(request: Request, service: Service, search: bool) -> ParsedQuery:
     try:
         form = await request.form(max_files=1, max_fields=8)
     except ValueError as e:  # python-multipart's parse errors; starlette before 0.37 let them through
         raise ApiError(400, f"malformed multipart body: {e}") from None
-    unknown = sorted(set(form.keys()) - {"image", "k", "label"})
+    unknown = sorted(set(form.keys()) - {"image", "k", "label", *(["qe"] if search else [])})
     if unknown:
+        optional = "k, label and qe" if search else "k and label"
         raise ApiError(422, f"unknown form field(s) {', '.join(map(repr, unknown))}: send the image as the "
-                            "multipart file field 'image', optionally with k and label")
+                            f"multipart file field 'image', optionally with {optional}")
     repeated = sorted(name for name in set(form.keys()) if len(form.getlist(name)) > 1)
     if repeated:
         raise ApiError(422, f"form field(s) {', '.join(map(repr, repeated))} given more than once")
@@ -111,16 +127,18 @@ async def _from_form(request: Request, service: Service) -> ParsedQuery:
     label = form.get("label")
     if label is not None and (not isinstance(label, str) or not label):
         raise ApiError(422, "label must be a non-empty text field")
-    return ParsedQuery(vector, source, parse_k(form.get("k", "10")), label)
+    return ParsedQuery(vector, source, parse_k(form.get("k", "10")), label, qe=parse_qe(form.get("qe", "0")))
 
 
-async def _from_json(request: Request, service: Service) -> ParsedQuery:
+async def _from_json(request: Request, service: Service, search: bool) -> ParsedQuery:
     catalog = service.catalog
     try:
         body = JsonQuery.model_validate_json(await request.body())
     except ValidationError as e:
         raise ApiError(422, validation_text(e.errors())) from None
-    k = parse_k(body.k)
+    if not search and "qe" in body.model_fields_set:
+        raise ApiError(422, "qe (query expansion) is a /search field; /predict does not take it")
+    k, qe = parse_k(body.k), parse_qe(body.qe)
     if body.label == "":
         raise ApiError(422, "label must not be empty")
     if body.vector is not None:
@@ -130,10 +148,10 @@ async def _from_json(request: Request, service: Service) -> ParsedQuery:
         vector = given.astype(np.float32)
         if catalog.metric == "cosine" and not vector.any():
             raise ApiError(422, "vector is all zeros: it has no direction to compare by cosine")
-        return ParsedQuery(vector, {"kind": "vector"}, k, body.label)
+        return ParsedQuery(vector, {"kind": "vector"}, k, body.label, qe=qe)
     ident = catalog.id_for(body.id, body.path)
     return ParsedQuery(catalog.vector(ident), {"kind": "stored", **catalog.describe(ident)}, k,
-                       body.label, exclude=ident)
+                       body.label, exclude=ident, qe=qe)
 
 
 async def embed_upload(data: bytes, service: Service) -> tuple[np.ndarray, int, int]:
@@ -167,3 +185,16 @@ def parse_k(value) -> int:
     if not 1 <= k <= MAX_K:
         raise ApiError(422, f"k must be between 1 and {MAX_K}, not {k}")
     return k
+
+
+def parse_qe(value) -> int:
+    """/search's qe, from a form (digits only, as for k) or JSON: 0 (off) to MAX_QE."""
+    if isinstance(value, str) and re.fullmatch(QE_PATTERN, value):
+        qe = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        qe = value
+    else:
+        raise ApiError(422, f"qe must be a whole number, not {value!r}")
+    if not 0 <= qe <= MAX_QE:
+        raise ApiError(422, f"qe must be between 0 (off) and {MAX_QE}, not {qe}")
+    return qe

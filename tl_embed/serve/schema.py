@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, create_model
 
-from .catalog import MAX_K
+from .catalog import MAX_K, MAX_QE
 from .query import FLOAT32_MAX
 
 
@@ -90,26 +90,31 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
 QUERY_ERRORS = error_responses(400, 404, 413, 415, 422, 503)  # what /search and /predict may answer
 
 
-def query_body_schema(dim: int, metric: str) -> dict:
+def query_body_schema(dim: int, metric: str, search: bool = False) -> dict:
     """The request body of /search and /predict as the server takes it: a multipart upload, or JSON
-    with exactly one of id, path or vector (a vector of ``dim`` float32 numbers; for cosine not all 0)."""
+    with exactly one of id, path or vector (a vector of ``dim`` float32 numbers; for cosine not all 0).
+    ``search``: /search's, which also takes ``qe`` (query expansion)."""
     vector: dict[str, Any] = {"type": "array", "minItems": dim, "maxItems": dim,
                               "items": {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}}
     if metric == "cosine":
         vector["not"] = {"items": {"const": 0}}
     k = {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10}
     label = {"type": "string", "minLength": 1}
+    qe = {"type": "integer", "minimum": 0, "maximum": MAX_QE, "default": 0,
+          "description": "query expansion: search again with the query merged with its top qe results (0: off)"}
     json_query = {"type": "object", "additionalProperties": False,
                   "properties": {"id": {"type": "integer", "minimum": 0}, "path": {"type": "string", "minLength": 1},
-                                 "vector": vector, "k": k, "label": label},
+                                 "vector": vector, "k": k, "label": label, **({"qe": qe} if search else {})},
                   "oneOf": [{"required": ["id"]}, {"required": ["path"]}, {"required": ["vector"]}]}
     # a form carries text only: a number sent as k or label arrives as its digits, and is taken as such
     form_k = {"type": ["integer", "string"], "minimum": 1, "maximum": MAX_K, "default": 10,
               "pattern": f"^([1-9][0-9]{{0,{len(str(MAX_K)) - 2}}}|{MAX_K})$"}  # MAX_K is a power of ten
     form_label = {"type": ["string", "number", "integer", "boolean", "null"], "minLength": 1,
                   "description": "the label, as text"}
+    form_qe = {**qe, "type": ["integer", "string"],
+               "pattern": f"^(0|[1-9][0-9]{{0,{len(str(MAX_QE)) - 2}}}|{MAX_QE})$"}  # MAX_QE is a power of ten
     upload = {"type": "object", "required": ["image"], "additionalProperties": False,
               "properties": {"image": {"type": "string", "format": "binary", "contentMediaType": "image/*"},
-                             "k": form_k, "label": form_label}}
+                             "k": form_k, "label": form_label, **({"qe": form_qe} if search else {})}}
     return {"required": True, "content": {"multipart/form-data": {"schema": upload},
                                           "application/json": {"schema": json_query}}}

@@ -16,10 +16,11 @@ function status(text, isError = false) {
   $("status").classList.toggle("error", isError);
 }
 
-function params() {
+function params(search) {
   const k = Math.max(1, Math.min(100, parseInt($("k").value, 10) || 12));
+  const qe = search ? Math.max(0, Math.min(100, parseInt($("qe").value, 10) || 0)) : 0;  // /search only
   const label = $("label").value;
-  return label ? { k, label } : { k };  // a field is given or left out, never null
+  return { k, ...(label ? { label } : {}), ...(qe ? { qe } : {}) };  // a field is given or left out, never null
 }
 
 async function start() {
@@ -104,22 +105,23 @@ async function run(searchBody, predictBody) {
 function searchFile(file) {
   if (!file) return;
   showQuery(URL.createObjectURL(file), file.name || "pasted image");
-  const form = () => {
+  const form = (search) => {
     const data = new FormData();
-    const { k, label } = params();
+    const { k, label, qe } = params(search);
     data.append("image", file, file.name || "pasted.png");
     data.append("k", k);
     if (label) data.append("label", label);
+    if (qe) data.append("qe", qe);
     return { method: "POST", body: data };
   };
-  run(form, form);
+  run(() => form(true), () => form(false));
 }
 
 function searchStored(n) {
   showQuery(`/images/${n.id}?size=512`, `${n.path}${n.label ? ` (${n.label})` : ""}`);
-  const json = () => ({ method: "POST", headers: { "content-type": "application/json" },
-    body: JSON.stringify({ id: n.id, ...params() }) });
-  run(json, json);
+  const json = (search) => ({ method: "POST", headers: { "content-type": "application/json" },
+    body: JSON.stringify({ id: n.id, ...params(search) }) });
+  run(() => json(true), () => json(false));
   $("query").scrollIntoView({ block: "start" });
 }
 

@@ -1,0 +1,181 @@
+"""Better search from the same vectors: whitening, αDBA and αQE against plain cosine, on real photo sets.
+
+    python benchmarks/retrieval.py [--work /tmp/tl-embed-retrieval-bench] [--sets nyala_reid paris ...]
+
+Every set in ../shared/datasets is embedded once with the genuine ImageNet MobileNetV2 (average pooling,
+through a temporary KERAS_HOME) into ``--work`` (a rerun reuses the stores).  Retrieval sets:
+
+* ``nyala_reid``: 58 individual antelopes, 729 photos; every photo a query against all the others,
+  relevant = the same individual (re-identification).
+* ``paris``: ``paris_landmarks/db`` (250 photos of landmarks) and its ``queries`` (25), embedded as
+  two stores; the queries against the database, relevant = the same landmark.
+* the classification sets as class-level retrieval: every photo against all others, relevant = the
+  same label.
+
+Each row builds an exact (Flat) index with ``Index.build`` and scores it with ``evaluate_search``: mAP
+and recall@1 (and @5 for paris), in %.  Latency: the median of 200 single queries (``search_scored``
+with k=10, one FAISS thread: mapping, whitening and expansion included) on the largest set, and the
+largest ratio to the baseline's over all sets.  Rows: the baseline, each option alone, then the
+combinations of centring onto 256 principal components (``--whiten-power 0 --whiten-dim 256``) with DBA
+and QE; at the end the best row (mean mAP over the sets) and the best row that is at least the baseline's
+mAP and recall@1 on every set at no more than twice its latency (the bar for changing a default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from machine import describe_cpu  # noqa: E402
+
+CLASS_SETS = ("flowers12", "flowers5", "hymenoptera", "pets3", "sign_digits")
+SETS = ("nyala_reid", "paris", *CLASS_SETS)
+LATENCY_QUERIES = 200
+
+# (row name, index options, search qe)
+SINGLE = [("baseline", {}, 0), ("whiten", {"whiten": True}, 0), ("whiten-dim 512", {"whiten_dim": 512}, 0),
+          ("whiten-dim 256", {"whiten_dim": 256}, 0), ("whiten-power 0.25", {"whiten_power": 0.25}, 0),
+          ("whiten-power 0 (centre)", {"whiten_power": 0.0}, 0),
+          ("centre, whiten-dim 256", {"whiten_power": 0.0, "whiten_dim": 256}, 0)]
+SINGLE += [(f"dba {n}", {"dba": n}, 0) for n in (1, 2, 3, 5)] + [(f"qe {n}", {}, n) for n in (1, 2, 5, 10)]
+CENTRE = {"whiten_power": 0.0, "whiten_dim": 256}
+COMBOS = [(f"centre 256{f', dba {d}' if d else ''}{f', qe {q}' if q else ''}", {**CENTRE, "dba": d}, q)
+          for d in (0, 1, 2, 3) for q in (0, 1, 2) if d or q]
+
+
+def keras_home() -> None:
+    """The genuine weights through a temporary KERAS_HOME (../shared is never written)."""
+    home = Path(tempfile.mkdtemp(prefix="tl-embed-keras-"))
+    (home / "models").mkdir()
+    for f in (SHARED / "weights").iterdir():
+        if f.suffix in (".h5", ".json"):
+            (home / "models" / f.name).symlink_to(f.resolve())
+    os.environ["KERAS_HOME"] = str(home)
+
+
+def store_for(name: str, folder: Path, work: Path) -> Path:
+    """The set's store in ``work``, embedded now unless an earlier run left it complete."""
+    from tl_embed import embed_folder
+
+    out, done = work / f"{name}.tle", work / f"{name}.done"
+    if not done.exists():
+        shutil.rmtree(out, ignore_errors=True)
+        report = embed_folder(folder, out, model="mobilenet_v2", progress=False)
+        print(f"embedded {name}: {report.embedded} images in {report.seconds:.0f} s ({report.runtime})", flush=True)
+        done.touch()
+    return out
+
+
+def stores(sets: list[str], work: Path) -> dict[str, tuple[Path, Path | None]]:
+    """Per set: (database store, query store or None for all-against-all)."""
+    data = SHARED / "datasets"
+    out = {}
+    for name in sets:
+        if name == "paris":
+            out[name] = (store_for("paris_db", data / "paris_landmarks" / "db", work),
+                         store_for("paris_queries", data / "paris_landmarks" / "queries", work))
+        else:
+            out[name] = (store_for(name, data / name, work), None)
+    return out
+
+
+def latency_ms(index, store: Path, qe: int, own: bool) -> float:
+    """Median ms of one query searched alone (k=10), from a stored raw vector (``own``: of the index's store,
+    so its own image is excluded)."""
+    from tl_embed import EmbeddingStore
+
+    with EmbeddingStore.open(store, "r") as s:
+        rows = np.linspace(0, len(s) - 1, min(LATENCY_QUERIES, len(s))).round().astype(np.int64)
+        vectors, ids = s.take(rows), s.ids[rows]
+    times = []
+    for v, i in zip(vectors, ids, strict=True):
+        t = time.perf_counter()
+        index.search_scored(v[None, :], 10, qe, [int(i) if own else None])
+        times.append(time.perf_counter() - t)
+    return 1000 * float(np.median(times))
+
+
+def measure(row: tuple[str, dict, int], data: dict, work: Path) -> dict:
+    from tl_embed.search import Index, evaluate_search
+
+    name, options, qe = row
+    out = {"name": name, "sets": {}, "ms": {}}
+    for set_name, (db, queries) in data.items():
+        index = Index.build(db, work / f"{set_name}.tli", "flat", log=lambda *_: None, **options)
+        scores = evaluate_search(index, queries, qe=qe)
+        out["sets"][set_name] = (100 * scores.mean_ap, 100 * scores.recall[1], 100 * scores.recall[5])
+        out["ms"][set_name] = latency_ms(index, queries or db, qe, queries is None)
+    return out
+
+
+def cells(r: dict, sets: list[str]) -> str:
+    parts = []
+    for s in sets:
+        m, r1, r5 = r["sets"][s]
+        parts.append(f"{m:5.1f} {r1:5.1f}" + (f" {r5:5.1f}" if s == "paris" else ""))
+    return "  ".join(parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tl-embed-retrieval-bench")
+    ap.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
+    args = ap.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args.work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TL_EMBED_CACHE", str(args.work / "converted"))
+    keras_home()
+    print(describe_cpu())
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    data = stores(args.sets, args.work)
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # single-query latency without OpenMP's spinning threads
+    largest = max(args.sets, key=lambda s: _count(data[s][0]))
+    heads = "  ".join(f"{s[:11]:>11}" if s != "paris" else f"{'paris':>17}" for s in args.sets)
+    print(f"MobileNetV2 (genuine ImageNet weights, avg pooling); exact (Flat) cosine indexes; per set mAP and "
+          f"recall@1 in % (paris also recall@5); ms: median single-query latency on {largest} "
+          f"({_count(data[largest][0])} vectors); x: the largest latency ratio to the baseline over the sets")
+    print(f"{'row':<26}{heads}  {'ms':>6} {'x':>5}")
+    print(f"{'':<26}" + "  ".join(f"{'mAP':>5} {'R@1':>5}" + (f" {'R@5':>5}" if s == "paris" else "")
+                                   for s in args.sets))
+    rows = []
+    for row in SINGLE + COMBOS:
+        r = measure(row, data, args.work)
+        base = rows[0] if rows else r
+        r["ratio"] = max(r["ms"][s] / base["ms"][s] for s in args.sets)
+        r["mean_map"] = float(np.mean([r["sets"][s][0] for s in args.sets]))
+        r["wins"] = all(r["sets"][s][0] >= base["sets"][s][0] and r["sets"][s][1] >= base["sets"][s][1]
+                        for s in args.sets) and r["ratio"] <= 2
+        rows.append(r)
+        print(f"{r['name']:<26}{cells(r, args.sets)}  {r['ms'][largest]:6.2f} {r['ratio']:5.2f}", flush=True)
+    best = max(rows, key=lambda r: r["mean_map"])
+    print(f"best row by mean mAP over the sets: {best['name']} ({best['mean_map']:.1f} against the baseline's "
+          f"{rows[0]['mean_map']:.1f}; latency x{best['ratio']:.2f})")
+    winners = sorted((r for r in rows[1:] if r["wins"]), key=lambda r: -r["mean_map"])
+    print("rows at least the baseline's mAP and recall@1 on every set at <= 2x latency: "
+          + (", ".join(f"{r['name']} (mean mAP {r['mean_map']:.1f}, x{r['ratio']:.2f})" for r in winners) or "none"))
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+def _count(store: Path) -> int:
+    from tl_embed import EmbeddingStore
+
+    with EmbeddingStore.open(store, "r") as s:
+        return len(s)
+
+
+if __name__ == "__main__":
+    main()
