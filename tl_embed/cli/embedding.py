@@ -34,6 +34,7 @@ def cmd_models(args) -> None:
 # ----------------------------------------------------------------- embed
 def register_embed(sub) -> None:
     from ..embedding.backbones import TTAS
+    from ..embedding.precision import CHOICES
 
     p = add_command(sub, "embed", "embed a folder of images into a store (resumable, incremental)",
              "Embed every image under IMAGES into the store OUT. Re-running only embeds new or "
@@ -48,6 +49,12 @@ def register_embed(sub) -> None:
                    help="test-time augmentation: 'flip' stores the mean of the embeddings of each image and its "
                         "mirror (about twice the inference per image); a store keeps one setting, and queries, "
                         "heads and indexes made from it use it too")
+    p.add_argument("--precision", default="auto", choices=CHOICES,
+                   help="what the backbone computes in: 'fp32' (the reference); 'int8' quantizes it with NNCF on a "
+                        "sample of IMAGES (pip install \"tl_embed[int8]\"), carries that model in the store and says "
+                        "how close it stays to fp32 on your images; 'bf16' needs a CPU with native bf16. 'auto': "
+                        "the store's own when updating one, else fp32 (what was measured best: docs/performance.md). "
+                        "Queries, heads and indexes of the store use it too")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                    help="storage precision of a new store")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per inference batch and commit")
@@ -82,7 +89,7 @@ def cmd_embed(args) -> int:
                           pooling=args.pooling, layer=args.layer, preprocess=args.preprocess,
                           dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
                           runtime=args.runtime, progress=not args.quiet, prune=args.prune,
-                          engine=args.engine, ray=ray, tta=args.tta)
+                          engine=args.engine, ray=ray, tta=args.tta, precision=args.precision)
     print(report.text())
     return 130 if report.interrupted else 0
 

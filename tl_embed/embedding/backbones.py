@@ -19,6 +19,7 @@ from ..tf_quiet import import_keras
 
 POOLINGS = ("avg", "max")
 TTAS = ("none", "flip")  # test-time augmentations (tta.py): the views averaged into an embedding
+PRECISIONS = ("fp32", "bf16", "int8")  # what the network computes in (precision.py)
 CUSTOM_MODEL_SUFFIXES = (".keras", ".h5")
 
 
@@ -120,28 +121,33 @@ class BackboneSpec:
     layer: str | None = None  # custom models: layer the features are cut at
     extra: dict[str, Any] = field(default_factory=dict)
     tta: str = "none"  # test-time augmentation: the views averaged into each embedding (see tta.py)
+    precision: str = "fp32"  # fp32, bf16 or int8 (see precision.py)
+    model_sha256: str = ""  # int8: the quantized model the store carries (carried.py); else empty
 
     def model_identity(self) -> tuple:
-        """What the network computes, whatever views it is shown (the converted-model cache's key)."""
+        """What the fp32 network computes, whatever views it is shown (the converted-model cache's key)."""
         return (self.name, self.weights_sha256, self.input_size, self.preprocessing, self.pooling,
                 self.dim, self.layer)
 
     def identity(self) -> tuple:
-        return (*self.model_identity(), self.tta)
+        return (*self.model_identity(), self.tta, self.precision, self.model_sha256)
 
     def describe(self) -> str:
         w = "random weights" if self.weights_sha256 == "random" else (
             f"{self.weights} weights sha256:{self.weights_sha256[:12]}")
         cut = f", layer {self.layer}" if self.layer else ""
         tta = f", {self.tta} TTA" if self.tta != "none" else ""
-        return f"{self.name} ({w}, {self.input_size}px, {self.pooling} pooling{cut}, dim {self.dim}{tta})"
+        precision = f", {self.precision}" if self.precision != "fp32" else ""
+        return (f"{self.name} ({w}, {self.input_size}px, {self.pooling} pooling{cut}, dim {self.dim}"
+                f"{tta}{precision})")
 
     def to_dict(self) -> dict[str, Any]:
-        """As recorded in stores, indexes and heads; ``tta`` only when used, so files without TTA read
-        exactly as before (and older tl_embed versions still read them)."""
+        """As recorded in stores, indexes and heads; the later settings only when used, so files without
+        them read exactly as before (and older tl_embed versions still read them)."""
         d = asdict(self)
-        if d["tta"] == "none":
-            del d["tta"]
+        for key, default in _OMITTED_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod
@@ -155,12 +161,24 @@ class BackboneSpec:
         return self.extra.get("model_path", self.name), self.weights
 
 
+_OMITTED_DEFAULTS = {"tta": "none", "precision": "fp32", "model_sha256": ""}
+
+
 def check_compatible(expected: BackboneSpec, found: BackboneSpec, what: str) -> None:
-    """Refuse to mix embeddings from two different backbones, or from two TTA settings of one."""
-    if expected.model_identity() == found.model_identity() and expected.tta != found.tta:
-        raise TlEmbedError(
-            f"{what} was embedded with --tta {expected.tta}, but this uses --tta {found.tta}; "
-            "embeddings made with different test-time augmentation cannot be mixed")
+    """Refuse to mix embeddings from two different backbones, or from two settings of one."""
+    if expected.model_identity() == found.model_identity():
+        if expected.tta != found.tta:
+            raise TlEmbedError(
+                f"{what} was embedded with --tta {expected.tta}, but this uses --tta {found.tta}; "
+                "embeddings made with different test-time augmentation cannot be mixed")
+        if expected.precision != found.precision:
+            raise TlEmbedError(
+                f"{what} was embedded with --precision {expected.precision}, but this uses --precision "
+                f"{found.precision}; embeddings computed in different precisions cannot be mixed")
+        if expected.model_sha256 != found.model_sha256:
+            raise TlEmbedError(
+                f"{what} was embedded by the int8 model sha256:{expected.model_sha256[:12]}, but this uses "
+                f"sha256:{found.model_sha256[:12]} (quantized on other images); they cannot be mixed")
     if expected.identity() != found.identity():
         raise TlEmbedError(
             f"{what} was made with {expected.describe()}, but this uses {found.describe()}; "
@@ -179,6 +197,12 @@ def keras_cache_dir() -> Path:
     """Where Keras caches downloaded weights: ``$KERAS_HOME/models`` (default ``~/.keras/models``)."""
     home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
     return Path(home) / "models"
+
+
+def converted_cache_dir() -> Path:
+    """Where converted models live: ``$TL_EMBED_CACHE``, else ``tl_embed/`` beside Keras's cache."""
+    env = os.environ.get("TL_EMBED_CACHE")
+    return Path(env).expanduser() if env else keras_cache_dir().parent / "tl_embed"
 
 
 def is_custom_model(model: str) -> bool:

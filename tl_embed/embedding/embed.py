@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import numpy as np
 from ..cpus import cpu_count
 from ..errors import StoreDamagedError, StoreError, StoreReadOnlyError, TlEmbedError
 from ..wording import count
+from . import carried
 from .backbones import (
     BackboneSpec,
     LoadedBackbone,
@@ -30,8 +31,9 @@ from .backbones import (
 )
 from .decode import decode_in_order
 from .images import ImageDecodeError
+from .precision import check_precision, require_runnable
 from .ray_engine import RayOptions, embed_with_ray
-from .runtime import OpenVINORuntime, Runtime, check_runtime, make_runtime, stream
+from .runtime import OpenVINORuntime, Runtime, check_runtime, load_or_convert, make_runtime, read_cached, stream
 from .scan import ImageFile, Scan, is_utf8, scan
 from .sink import EmbedReport, StoreSink
 from .store import MANIFEST, EmbeddingStore, Failure, ManifestRow
@@ -94,12 +96,15 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
                  preprocess: str | None = None, dtype: str = "float32", batch_size: int = 64,
                  workers: int | None = None, runtime: str = "auto", progress: bool = True,
                  loader: Callable[..., LoadedBackbone] = load_backbone, prune: bool = False,
-                 engine: str = "local", ray: RayOptions | None = None, tta: str = "none") -> EmbedReport:
+                 engine: str = "local", ray: RayOptions | None = None, tta: str = "none",
+                 precision: str = "auto") -> EmbedReport:
     """Bring the store at ``out`` up to date with the image folder ``images``.
 
     ``engine="ray"`` embeds on Ray actors (``ray`` says where and how many) with the same results.
     ``tta="flip"`` stores the mean of each image's and its mirror's embeddings (see :mod:`.tta`); a store
-    holds one setting, so updating it with another is refused.
+    holds one setting, so updating it with another is refused.  ``precision`` likewise (see :mod:`.precision`):
+    ``int8`` quantizes the backbone on a sample of the folder and the store carries that model; ``auto`` is
+    the store's own precision when updating one.
 
     ``prune`` allows removing more than :data:`PRUNE_FREE` and :data:`PRUNE_SHARE` of the store (or all
     of it) when images are gone; without it such a run is refused before anything changes.
@@ -112,6 +117,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
     if engine not in ENGINES:
         raise TlEmbedError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     check_tta(tta)
+    asked = None if precision.strip().lower() == "auto" else check_precision(precision)
     check_model_options(model, layer, preprocess)  # bad names and options fail before any scanning
     root = Path(images).expanduser().resolve()
     out = Path(out)
@@ -123,7 +129,8 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
     try:
         if store is not None:
             report.spec = store.spec
-            _check_same_source(store, root, model, pooling, tta)
+            _check_same_source(store, root, model, pooling, tta, asked or store.spec.precision)
+            carried.install(store.spec, carried.read_files(out / carried.FOLDER), f"store {out}")
         p = plan(found, store)
         if store is None and not p.todo:
             raise TlEmbedError(_nothing_found(root, found))
@@ -136,16 +143,23 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
         report.unchanged, report.failed = p.unchanged, list(p.known_failures)
         if store is not None and p.deleted:
             report.removed = store.remove(p.deleted)
-        backbone, cached = None, None
+        if p.todo:
+            require_runnable(store.spec.precision if store is not None else asked or check_precision("auto"))
+        backbone, cached, ov_model = None, None, None
         if p.todo and store is not None and engine == "local" and loader is load_backbone:
             cached = _cached_runtime(store.spec, model, weights, layer, preprocess, runtime)
         if p.todo and cached is None:
             backbone = backbone_with_tta(
                 loader(model, weights=weights, pooling=pooling, layer=layer, preprocess=preprocess), tta)
             if store is None:
-                store = EmbeddingStore.create(out, backbone.spec, dtype=dtype, root=root)
+                backbone, ov_model, files = _reduce(backbone, asked or check_precision("auto"), p.todo, runtime,
+                                                    report, progress)
+                store = EmbeddingStore.create(out, backbone.spec, dtype=dtype, root=root, carry=files)
             else:
+                backbone = LoadedBackbone(backbone.model, replace(
+                    backbone.spec, precision=store.spec.precision, model_sha256=store.spec.model_sha256))
                 check_compatible(store.spec, backbone.spec, f"store {out}")
+                ov_model = read_cached(store.spec) if store.spec.model_sha256 else None
         if p.new_failures:
             store.record_failures(p.new_failures)
             report.failed.extend(p.new_failures)
@@ -154,9 +168,10 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
             desc = "embedding (ray)" if engine == "ray" else "embedding"
             with StoreSink(store, p.todo, report, progress, desc) as sink:
                 if engine == "ray":
-                    embed_with_ray(p.todo, sink, backbone, runtime, batch_size, ray or RayOptions(workers=workers))
+                    embed_with_ray(p.todo, sink, backbone, runtime, batch_size, ray or RayOptions(workers=workers),
+                                   ov_model)
                 else:
-                    run = cached or with_tta(make_runtime(backbone, runtime), backbone.spec.tta)
+                    run = cached or with_tta(make_runtime(backbone, runtime, model=ov_model), backbone.spec.tta)
                     _run(p.todo, sink, run, store.spec.input_size, batch_size, workers)
         if not report.interrupted and store.writable:
             store.consolidate()
@@ -238,8 +253,41 @@ def _run(todo: list[ImageFile], sink: StoreSink, run: Runtime, size: int, batch_
     sink.report.embed_seconds = time.perf_counter() - t_embed
 
 
-def _check_same_source(store: EmbeddingStore, root: Path, model: str, pooling: str, tta: str) -> None:
-    """Cheap checks before loading any model: same image folder, backbone name, pooling and TTA."""
+def _reduce(backbone: LoadedBackbone, precision: str, todo: list[ImageFile], runtime: str,
+            report: EmbedReport, progress: bool) -> tuple[LoadedBackbone, object, dict[str, bytes] | None]:
+    """A new store's backbone in ``precision``: (backbone, OpenVINO model to run or None, files to carry or None).
+
+    int8 quantizes the fp32 model on a sample of ``todo`` and measures it against fp32 on others
+    (:mod:`.quantize`); the quantized model is installed in the cache, and read back from there, so the
+    store is embedded by exactly the bytes it carries.
+    """
+    if precision == "fp32":
+        return backbone, None, None
+    if check_runtime(runtime) == "keras":
+        raise TlEmbedError(f"--precision {precision} runs on the openvino runtime; drop --runtime keras")
+    spec = replace(backbone.spec, precision=precision)
+    if precision == "bf16":
+        return LoadedBackbone(backbone.model, spec), None, None
+    from .quantize import decode_pixels, fidelity, quantize, split_sample
+
+    fp32_model = load_or_convert(backbone)
+    calibration, check = split_sample(todo)
+    quantized = quantize(fp32_model, decode_pixels(calibration, spec.input_size), progress)
+    files = carried.model_files(quantized)
+    spec = replace(spec, model_sha256=carried.files_sha256(files))
+    carried.install(spec, files, "the new store")
+    int8 = LoadedBackbone(backbone.model, spec)
+    model = read_cached(spec)
+    pixels = decode_pixels(check, spec.input_size)
+    if len(pixels):
+        ref = with_tta(OpenVINORuntime(backbone, model=fp32_model), spec.tta)(pixels)
+        report.fidelity = fidelity(with_tta(OpenVINORuntime(int8, model=model), spec.tta)(pixels), ref).text()
+    return int8, model, files
+
+
+def _check_same_source(store: EmbeddingStore, root: Path, model: str, pooling: str, tta: str,
+                       precision: str) -> None:
+    """Cheap checks before loading any model: same image folder, backbone name, pooling, TTA and precision."""
     if store.root and store.root != root:
         raise StoreError(f"store {store.path} holds images from {store.root}, not {root}; "
                          "use a new --out for another folder")
@@ -251,6 +299,10 @@ def _check_same_source(store: EmbeddingStore, root: Path, model: str, pooling: s
     if tta != store.spec.tta:
         raise StoreError(f"store {store.path} was embedded with --tta {store.spec.tta}, not --tta {tta}; "
                          f"update it with --tta {store.spec.tta}, or use a new --out (settings are never mixed)")
+    if precision != store.spec.precision:
+        raise StoreError(f"store {store.path} was embedded with --precision {store.spec.precision}, not "
+                         f"--precision {precision}; update it with --precision {store.spec.precision} (or auto), "
+                         "or use a new --out (settings are never mixed)")
 
 
 def _embed_files(todo: list[ImageFile], sink: StoreSink, run: Runtime, size: int, batch_size: int,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..cpus import cpu_count
 from ..errors import TlEmbedError
-from .backbones import BackboneSpec, check_compatible, load_backbone
+from .backbones import BackboneSpec, LoadedBackbone, check_compatible, load_backbone
 from .decode import decode_in_order
 from .images import ImageDecodeError
 from .runtime import OpenVINORuntime, Runtime, check_runtime, make_runtime, stream
@@ -59,7 +59,8 @@ def runtime_for(spec: BackboneSpec, runtime: str = "auto") -> Runtime:
 
     The cached OpenVINO IR comes first (no TensorFlow import, no Keras build: a one-image query starts
     in about a second); without one, Keras rebuilds the backbone, which must match ``spec``, and it is
-    converted (and cached for the next time).
+    converted (and cached for the next time).  An int8 model is never rebuilt: it is run from the cache its
+    store, index or head installed it in (:mod:`.carried`).
     """
     name = check_runtime(runtime)
     if name != "keras":
@@ -69,9 +70,13 @@ def runtime_for(spec: BackboneSpec, runtime: str = "auto") -> Runtime:
             cached = None
         if cached is not None:
             return with_tta(cached, spec.tta)
+    if spec.model_sha256:
+        raise TlEmbedError(f"queries of this {spec.precision} store are embedded by the model it carries, which "
+                           f"{'runs only on openvino' if name == 'keras' else 'is not installed here'}")
     model, weights = spec.loadable()
     backbone = backbone_with_tta(load_backbone(model, weights=weights, pooling=spec.pooling, layer=spec.layer),
                                  spec.tta)
+    backbone = LoadedBackbone(backbone.model, replace(backbone.spec, precision=spec.precision))
     check_compatible(spec, backbone.spec, "the model/index")
     return with_tta(make_runtime(backbone, name), spec.tta)
 

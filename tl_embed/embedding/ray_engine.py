@@ -67,13 +67,18 @@ def fingerprint(files: dict[str, bytes]) -> str:
     return h.hexdigest()[:16]
 
 
-def ship_model(backbone: LoadedBackbone, runtime: str) -> ShippedModel:
-    """Convert once on the driver, with the local engine's runtime choice (auto: openvino, else keras)."""
+def ship_model(backbone: LoadedBackbone, runtime: str, model=None) -> ShippedModel:
+    """Convert once on the driver, with the local engine's runtime choice (auto: openvino, else keras).
+
+    ``model``: the OpenVINO model to ship as it is (a quantized one); only fp32 falls back to keras.
+    """
     name = check_runtime(runtime)
     if name != "keras":
         try:
-            return _files_of("openvino", backbone.spec, _save_ir, load_or_convert(backbone))
+            return _files_of("openvino", backbone.spec, _save_ir, model or load_or_convert(backbone))
         except Exception as e:  # noqa: BLE001 - converters raise anything; the reference runtime still works
+            if backbone.spec.precision != "fp32":
+                raise
             fallback(backbone, name, e)
     return _files_of("keras", backbone.spec, _save_keras, backbone.model)
 
@@ -204,15 +209,17 @@ def default_workers(total: float, per_worker: float) -> int:
 
 
 def embed_with_ray(todo: list[ImageFile], sink: StoreSink, backbone: LoadedBackbone, runtime: str,
-                   batch_size: int, options: RayOptions) -> None:
+                   batch_size: int, options: RayOptions, model=None) -> None:
     """Embed ``todo`` on Ray actors; each batch is committed on the driver, through ``sink``, as it streams back.
+
+    ``model``: the OpenVINO model every actor runs, when the driver has it already (a quantized one).
 
     Ctrl-C (or a killed driver) loses only the batches in flight: the next run's plan continues.
     """
     ray = import_ray()
     report = sink.report
     with ThreadPoolExecutor(1, thread_name_prefix="convert") as pool:
-        converting = pool.submit(ship_model, backbone, runtime)  # overlaps Ray's start-up
+        converting = pool.submit(ship_model, backbone, runtime, model)  # overlaps Ray's start-up
         started = start_ray(options.address)
     try:
         shipped = converting.result()

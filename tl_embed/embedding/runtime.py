@@ -34,7 +34,9 @@ import numpy as np
 from ..cpus import cpu_count
 from ..errors import TlEmbedError, first_line
 from ..tf_quiet import import_tensorflow
-from .backbones import BackboneSpec, LoadedBackbone, keras_cache_dir
+from . import carried
+from .backbones import BackboneSpec, LoadedBackbone, converted_cache_dir
+from .precision import compile_hint
 
 RUNTIMES = ("auto", "keras", "openvino")
 NOT_SHIPPED = {
@@ -93,6 +95,9 @@ class KerasRuntime:
     name = "keras"
 
     def __init__(self, backbone: LoadedBackbone, threads: int | None = None):
+        if backbone.spec.precision != "fp32":
+            raise TlEmbedError(f"the keras runtime computes fp32 only, and this backbone is {backbone.spec.precision}; "
+                               "use --runtime openvino (or auto)")
         configure_threads(threads)
         tf = import_tensorflow()
         model = backbone.model
@@ -124,7 +129,7 @@ class OpenVINORuntime:
                  model=None):
         """``model``: an already converted model (a Ray worker gets the driver's), else converted here."""
         model = load_or_convert(backbone) if model is None else model
-        self._compile(model, backbone.spec.dim, threads, images_per_request)
+        self._compile(model, backbone.spec, threads, images_per_request)
 
     @classmethod
     def from_cache(cls, spec: BackboneSpec, threads: int | None = None,
@@ -134,6 +139,7 @@ class OpenVINORuntime:
         Needs neither TensorFlow nor Keras: starting from the cache skips their import and the
         model build, which is most of a one-image ``predict`` or ``search`` (benchmarks/startup.py).
         OpenVINO also keeps the compiled model beside the IR (its ``CACHE_DIR``), so it compiles faster next time.
+        An int8 model is found here once its carrier installed it (:mod:`.carried`).
         """
         xml = cached_ir(spec)
         if xml is None or not xml.is_file():
@@ -142,20 +148,20 @@ class OpenVINORuntime:
         writable = os.access(xml.parent, os.W_OK)
         self = cls.__new__(cls)
         try:
-            self._compile(str(xml), spec.dim, threads, images_per_request,
+            self._compile(str(xml), spec, threads, images_per_request,
                           {"CACHE_DIR": str(blobs)} if writable or blobs.is_dir() else {})
         except RuntimeError:
             return None  # unreadable IR (e.g. damaged by hand): the caller converts again
         return self
 
-    def _compile(self, model, dim: int, threads: int | None, images_per_request: int,
+    def _compile(self, model, spec: BackboneSpec, threads: int | None, images_per_request: int,
                  extra: dict | None = None) -> None:
         import openvino as ov
 
         threads = threads or cpu_count()
         compiled = ov.Core().compile_model(model, "CPU", {
             "PERFORMANCE_HINT": "THROUGHPUT",
-            **openvino_precision(),
+            **openvino_precision(compile_hint(spec.precision, _notice)),
             "INFERENCE_NUM_THREADS": threads,
             # A process given fewer threads than the machine's cores (a Ray actor) shares the machine
             # with others: pinned, every such process puts its threads on the same first cores (two
@@ -165,7 +171,7 @@ class OpenVINORuntime:
         })
         self.streams = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self.images_per_request = images_per_request
-        self.dim = dim
+        self.dim = spec.dim
         self._queue = ov.AsyncInferQueue(compiled, 2 * self.streams)  # the next request waits ready
         self._outputs: dict[int, np.ndarray] = {}
         self._queue.set_callback(_collector(self._outputs))  # no bound method: no cycle keeping us alive
@@ -223,12 +229,6 @@ def _collector(outputs: dict[int, np.ndarray]) -> Callable:
     return collect
 
 
-def converted_cache_dir() -> Path:
-    """Where converted models live: ``$TL_EMBED_CACHE``, else ``tl_embed/`` beside Keras's cache."""
-    env = os.environ.get("TL_EMBED_CACHE")
-    return Path(env).expanduser() if env else keras_cache_dir().parent / "tl_embed"
-
-
 def cache_key(spec: BackboneSpec) -> str | None:
     """Identity of a conversion, or None when the weights are random (a rebuild gives other weights)."""
     if spec.weights_sha256 == "random":
@@ -240,7 +240,13 @@ def cache_key(spec: BackboneSpec) -> str | None:
 
 
 def cached_ir(spec: BackboneSpec) -> Path | None:
-    """Where the converted model of ``spec`` is (or would be) cached; None when it cannot be cached."""
+    """Where the converted model of ``spec`` is (or would be) cached; None when it cannot be cached.
+
+    A quantized model is cached under its own sha256; for any other the fp32 conversion serves (a bf16
+    model is the fp32 one, compiled with another hint).
+    """
+    if spec.model_sha256:
+        return carried.cache_path(spec)
     key = cache_key(spec)
     return converted_cache_dir() / "openvino" / key / "model.xml" if key else None
 
@@ -259,8 +265,14 @@ def read_cached(spec: BackboneSpec):
 
 
 def load_or_convert(backbone: LoadedBackbone):
-    """The OpenVINO model of ``backbone``: from the cache, else converted (and cached when cacheable)."""
+    """The OpenVINO model of ``backbone``: from the cache, else converted (and cached when cacheable).
+
+    A quantized model cannot be converted again: it comes only from the cache its carrier installed it in.
+    """
     model = read_cached(backbone.spec)
+    if model is None and backbone.spec.model_sha256:
+        raise TlEmbedError(f"the {backbone.spec.precision} model sha256:{backbone.spec.model_sha256[:12]} is not "
+                           "installed; open the store, index or model file that carries it")
     if model is not None:
         return model
     model = convert(backbone)
@@ -314,14 +326,20 @@ def check_runtime(name: str) -> str:
 
 
 def make_runtime(backbone: LoadedBackbone, name: str = "auto",
-                 notify: Callable[[str], None] = _notice) -> Runtime:
-    """Build the runtime ``name``; ``auto`` prefers openvino and falls back to keras with a notice."""
+                 notify: Callable[[str], None] = _notice, model=None) -> Runtime:
+    """Build the runtime ``name``; ``auto`` prefers openvino and falls back to keras with a notice.
+
+    ``model``: the OpenVINO model to run, already converted (or quantized); else converted here.
+    Only fp32 falls back: a reduced precision is OpenVINO's, and the keras runtime would compute another function.
+    """
     name = check_runtime(name)
     if name == "keras":
         return KerasRuntime(backbone)
     try:
-        return OpenVINORuntime(backbone)
+        return OpenVINORuntime(backbone, model=model)
     except Exception as e:  # noqa: BLE001 - converters raise anything; the reference runtime still works
+        if backbone.spec.precision != "fp32":
+            raise
         fallback(backbone, name, e, notify)
     return KerasRuntime(backbone)
 

@@ -37,6 +37,7 @@ class EmbedReport:
     runtime: str | None = None  # which runtime ran the model, when one was needed
     repaired: int = 0  # rows forgotten because their shard was lost (embedded again in this run)
     workers: set[str] = field(default_factory=set)  # ray engine: the actors (host:pid) that embedded images
+    fidelity: str | None = None  # a reduced precision's closeness to fp32 on the user's images (quantize.py)
 
     def text(self) -> str:
         n = len(self.workers)
@@ -53,6 +54,8 @@ class EmbedReport:
         msg = (f"{head}{', '.join(parts)} in {self.seconds:.1f} s. Store {self.store} holds "
                f"{self.total} embeddings")
         msg += f" from {self.spec.describe()}." if self.spec else "."
+        if self.fidelity:
+            msg += f" {self.fidelity}."
         if self.interrupted:
             msg += " Everything committed so far is kept; run the same command again to continue."
         if self.failed:

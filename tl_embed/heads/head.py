@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from ..embedding.backbones import BackboneSpec
+from ..embedding.carried import install
 from ..errors import TlEmbedError
 from .graph import Step, check_graph, forward
-from .model_file import read_model, write_model
+from .model_file import read_backbone, read_model, write_model
 
 HEADS = ("svm", "logreg", "knn", "dense")  # what `train --head` offers; trained in .fit
 # svm: the best mean gain over a plain standardised logistic regression on the five shared photo sets,
@@ -35,6 +36,7 @@ class Head:
     params: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    backbone: dict[str, bytes] | None = field(default=None, repr=False)  # an int8 store's model (carried.py)
 
     def __post_init__(self) -> None:
         check_graph(self.steps, self.spec.dim, len(self.classes))
@@ -58,7 +60,7 @@ class Head:
     def save(self, path: str | os.PathLike) -> None:
         meta = {"head": self.head, "classes": self.classes, "spec": self.spec.to_dict(), "params": self.params,
                 "metrics": self.metrics, "versions": self.versions}
-        write_model(Path(path), _jsonable(meta), self.steps)
+        write_model(Path(path), _jsonable(meta), self.steps, self.backbone)
 
     @classmethod
     def load(cls, path: str | os.PathLike, trust_pickle: bool = False) -> Head:
@@ -72,11 +74,15 @@ class Head:
                 from .convert import steps_from_pipeline
 
                 steps = steps_from_pipeline(steps, classes)
-            return cls(steps, classes, spec, str(meta["head"]), dict(meta.get("params") or {}),
+            head = cls(steps, classes, spec, str(meta["head"]), dict(meta.get("params") or {}),
                        dict(meta.get("metrics") or {}), dict(meta.get("versions") or {}))
         except (KeyError, TypeError, ValueError) as e:
             raise TlEmbedError(f"{path} is not a readable tl_embed model file (missing or bad {e}): "
                                "train it again") from None
+        if spec.model_sha256:  # queries must be embedded by the model it carries: installed where runtimes look
+            head.backbone = read_backbone(path)
+            install(spec, head.backbone, f"model file {path}")
+        return head
 
 
 @dataclass(frozen=True)

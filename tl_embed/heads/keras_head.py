@@ -41,6 +41,9 @@ def build_classifier(head: Head) -> Any:
     from ..embedding.tta import backbone_with_tta
 
     spec = head.spec
+    if spec.precision != "fp32":  # the exported graph is Keras's fp32 backbone: another function
+        raise TlEmbedError(f"this head was trained on {spec.precision} embeddings, and an exported model computes "
+                           "fp32; train it on a --precision fp32 store to export it")
     model, weights = spec.loadable()
     backbone = load_backbone(model, weights=weights, pooling=spec.pooling, layer=spec.layer,
                              preprocess=_custom_preprocess(spec))

@@ -31,10 +31,12 @@ FORMAT = "tl_embed.head/2"
 PICKLE_FORMAT = "tl_embed.head/1"
 META = HEAD_META
 MAX_META_BYTES = 64 << 20  # metrics + params; far below this in practice
+BACKBONE = "backbone/"  # an int8 store's model, carried by the head trained on it (embedding/carried.py)
 
 
-def write_model(path: Path, meta: dict[str, Any], steps: list[Step]) -> None:
-    """Write ``meta`` (JSON-ready) and ``steps`` atomically as one zip file, never over another kind of file."""
+def write_model(path: Path, meta: dict[str, Any], steps: list[Step], backbone: dict[str, bytes] | None = None) -> None:
+    """Write ``meta`` (JSON-ready), ``steps`` and the ``backbone`` files the head carries (if any) atomically as
+    one zip file, never over another kind of file."""
     require_output(path, HEAD)
     if path.is_file() and kind_of(path) != HEAD and not _looks_pickled(path):
         raise TlEmbedError(f"--out {path} is a file but not a tl_embed model file; choose another --out "
@@ -53,6 +55,8 @@ def write_model(path: Path, meta: dict[str, Any], steps: list[Step]) -> None:
                     buf = io.BytesIO()
                     np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
                     z.writestr(f"steps/{i}/{name}.npy", buf.getvalue())
+            for name, data in (backbone or {}).items():
+                z.writestr(BACKBONE + name, data)
 
     atomic_write(path, write)
 
@@ -73,6 +77,18 @@ def read_model(path: Path, trust_pickle: bool = False) -> tuple[dict[str, Any], 
     except (zipfile.BadZipFile, KeyError, TypeError, ValueError, OSError) as e:
         raise TlEmbedError(f"{path} is not a readable tl_embed model file ({_why(e)}): train it again") from None
     return meta, steps
+
+
+def read_backbone(path: Path) -> dict[str, bytes] | None:
+    """The backbone files a model file carries, or None (only heads of int8 stores carry one)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = [i for i in z.infolist() if i.filename.startswith(BACKBONE)]
+            if any(i.compress_type != zipfile.ZIP_STORED or i.file_size > os.path.getsize(path) for i in members):
+                raise TlEmbedError(f"{path} carries a backbone that is compressed or larger than the file")
+            return {i.filename[len(BACKBONE):]: z.read(i) for i in members} or None
+    except (zipfile.BadZipFile, OSError) as e:
+        raise TlEmbedError(f"{path} is not a readable tl_embed model file ({_why(e)}): train it again") from None
 
 
 def _read_meta(path: Path, z: zipfile.ZipFile) -> dict[str, Any]:

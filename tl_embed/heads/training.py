@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..embedding.backbones import check_compatible
+from ..embedding.carried import FOLDER, read_files
 from ..embedding.query import embed_for
 from ..embedding.store import MANIFEST, EmbeddingStore
 from ..errors import TlEmbedError
@@ -90,6 +91,7 @@ def train_from_store(store_path: str | os.PathLike, head: str = DEFAULT_HEAD,
             labels, trained_on["relabelled"] = _relabelled(labels, paths, relabel)
         X_tr, X_te = store.take(tr), store.take(te)  # only the labelled rows, chunk by chunk
         spec = store.spec
+        backbone = read_files(store.path / FOLDER) if spec.model_sha256 else None  # the head carries it on
     if len(tr) == 0:
         raise TlEmbedError(f"store {store_path} has no labelled images (labels are sub-folder names)")
     fitted, info = fit_head(X_tr, labels[tr].astype(str), spec, head, class_weight, cv, seed,
@@ -100,6 +102,7 @@ def train_from_store(store_path: str | os.PathLike, head: str = DEFAULT_HEAD,
     metrics = evaluate_predictions(labels[te].astype(str), fitted.predict(X_te), fitted.classes)
     fitted.metrics = {"held_out": how, **metrics.to_dict(), **info, "n_train": int(len(tr)),
                       "trained_on": trained_on}
+    fitted.backbone = backbone
     return TrainResult(fitted, metrics, how, int(len(tr)), info)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..embedding import carried
 from ..embedding.backbones import BackboneSpec, check_compatible
 from ..embedding.store import EmbeddingStore
 from ..errors import IndexDamagedError, TlEmbedError
@@ -147,8 +148,9 @@ class Index:
                 self.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
                 self.meta.pop("memory_bytes", None)  # known once written: read back from the sizes in the header
                 whitening = self.space.whitening
-                self.meta["memory_bytes"] = storage.write(out, self.faiss_index, self.table, self.meta,
-                                                          whitening.to_arrays() if whitening else None)
+                arrays = {**(whitening.to_arrays() if whitening else {}),
+                          **carried.to_arrays(carried.read_files(store_path / carried.FOLDER))}
+                self.meta["memory_bytes"] = storage.write(out, self.faiss_index, self.table, self.meta, arrays or None)
         return self
 
     @classmethod
@@ -262,6 +264,7 @@ class Index:
             self = cls(path, index, meta, table, whitening=whitening)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise IndexDamagedError(path, f"invalid meta ({type(e).__name__}: {e})") from None
+        carried.install(self.spec, carried.from_arrays(arrays), f"index {path}")  # queries run what it carries
         if len(self) != len(table) or index.d != self.dim or (whitening and whitening.mean.shape != (self.spec.dim,)):
             raise IndexDamagedError(path, f"its FAISS index ({len(self)} x {index.d}) does not match its "
                                           f"id table ({len(table)} x {self.dim})")

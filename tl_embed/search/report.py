@@ -18,7 +18,7 @@ def describe(path: Path, meta: dict, n: int, backbone: str, vectors: str) -> str
     return (f"{path}: {m['factory']}{' + re-rank' if m.get('rerank') else ''} ({m['metric']}"
             f"{', ' + params if params else ''}) over {n} vectors from {backbone}"
             f"{', ' + vectors if vectors else ''}; "
-            f"recall@10 {m['recall_at_10']:.3f} vs exact on {count(m['recall_queries'], how + ' query')}, "
+            f"recall@10 {m['recall_at_10']:.3f} vs exact on {how} {count(m['recall_queries'], 'query')}, "
             f"{m['memory_bytes'] / 1e6:.1f} MB, {m['latency_ms']:.2f} ms per single query{qps}; "
             f"built in {m['build_seconds']:.1f} s" + notes(m, n))
 

@@ -42,6 +42,7 @@ import numpy as np
 from ...errors import StoreError
 from ...files import unlock
 from ...kinds import STORE, require_output
+from .. import carried
 from ..backbones import BackboneSpec
 from ..records import Failure, ManifestRow
 from . import manifest, shards
@@ -68,8 +69,11 @@ class EmbeddingStore(StoreReader):
     # ---------------------------------------------------------------- opening
     @classmethod
     def create(cls, path: str | os.PathLike, spec: BackboneSpec, dtype: str = "float32",
-               root: str | os.PathLike | None = None) -> EmbeddingStore:
+               root: str | os.PathLike | None = None, carry: dict[str, bytes] | None = None) -> EmbeddingStore:
         """Create a new, empty store and open it for writing.
+
+        ``carry``: the files of the model the store is embedded with, when only the store can hold them
+        (an int8 model, :mod:`..carried`); written in ``model/`` with the rest, so a store never lacks it.
 
         The store is made complete in a hidden temp folder and renamed into place: a crash, Ctrl-C or
         full disk during creation leaves no half-made store behind.
@@ -88,6 +92,8 @@ class EmbeddingStore(StoreReader):
         def build(tmp: Path) -> None:
             (tmp / "shards").mkdir(parents=True)
             manifest.create(tmp, spec, dtype, root)
+            if carry is not None:
+                carried.write_files(carry, tmp / carried.FOLDER)
 
         build_in_place(path, build)
         try:
