@@ -16,8 +16,9 @@ from typing import Any
 
 from ..errors import TlEmbedError, WeightsUnavailableError
 from ..tf_quiet import import_keras
+from .pooling import pool
 
-POOLINGS = ("avg", "max")
+POOLINGS = ("avg", "max", "gem", "rmac")  # global descriptors of the last feature map (pooling.py)
 TTAS = ("none", "flip")  # test-time augmentations (tta.py): the views averaged into an embedding
 PRECISIONS = ("fp32", "bf16", "int8")  # what the network computes in (precision.py)
 CUSTOM_MODEL_SUFFIXES = (".keras", ".h5")
@@ -261,7 +262,7 @@ def _load_application(bb: Backbone, weights: str, pooling: str, include_top: boo
     weights_arg, sha = _resolve_weights(weights)
     shape = (bb.input_size, bb.input_size, 3)
     kwargs = dict(include_top=include_top, input_shape=shape)
-    if not include_top:
+    if not include_top and pooling in ("avg", "max"):  # Keras's own; the others on the feature map below
         kwargs["pooling"] = pooling
     with keras_downloads(bb.name) as used:
         try:
@@ -275,6 +276,8 @@ def _load_application(bb: Backbone, weights: str, pooling: str, include_top: boo
     preprocess = getattr(keras.applications, bb.module).preprocess_input
     inputs = keras.Input(shape=shape, dtype="float32", name="rgb_0_255")
     outputs = net(preprocess(inputs), training=False)
+    if not include_top and pooling not in ("avg", "max"):
+        outputs = pool(outputs, pooling)
     net.trainable = False
     full = keras.Model(inputs, outputs, name=f"tl_embed_{bb.name}")
     dim = int(full.output_shape[-1])
@@ -359,8 +362,7 @@ def _load_custom(path_str: str, layer: str | None, pooling: str,
         pre = pre_bb.preprocessing
     x = net(x, training=False)
     if len(x.shape) == 4:
-        pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
-        x = pool()(x)
+        x = pool(x, pooling)
     elif len(x.shape) != 2:
         raise TlEmbedError(f"features of {path.name} have shape {x.shape}; expected (N, D) or (N, H, W, C)")
     net.trainable = False
