@@ -178,3 +178,20 @@ def same_store_by_path(a: Path, b: Path) -> None:
         assert [x.rows[i] for i in xi] == [y.rows[i] for i in yi]
         np.testing.assert_allclose(x.embeddings[xi], y.embeddings[yi], rtol=1e-5, atol=1e-6)
         assert sorted((f.path, f.reason) for f in x.failures) == sorted((f.path, f.reason) for f in y.failures)
+
+
+def test_int8_store_on_ray_runs_the_drivers_quantized_model(local_ray, tmp_path, tiny_model):
+    from tl_embed.embedding import carried
+
+    images = make_folder(tmp_path / "images", per_class=8)
+    opts = dict(model=tiny_model, layer="features", progress=False, batch_size=4, precision="int8")
+    embed_folder(images, tmp_path / "local.tle", **opts)
+    with deadline(180):
+        report = embed_folder(images, tmp_path / "ray.tle", engine="ray", ray=RayOptions(), **opts)
+    assert report.embedded == 24 and len(report.workers) == 2 and report.fidelity
+    local, shipped = (carried.read_files(tmp_path / name / carried.FOLDER) for name in ("local.tle", "ray.tle"))
+    assert local["model.bin"] == shipped["model.bin"]  # the same quantization (names in the XML aside)
+    with EmbeddingStore.open(tmp_path / "local.tle") as x, EmbeddingStore.open(tmp_path / "ray.tle") as y:
+        assert x.rows == y.rows and y.spec.precision == "int8"
+        assert y.spec.model_sha256 == carried.files_sha256(shipped)
+        np.testing.assert_allclose(x.embeddings, y.embeddings, rtol=1e-5, atol=1e-6)

@@ -37,7 +37,7 @@ def add_backbone_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pooling", default="avg", choices=["avg", "max", "gem", "rmac"],
                    help="how the last feature map becomes one vector: 'avg' or 'max' (MAC) global pooling, 'gem' "
                         "(generalised mean, p=3) or 'rmac' (regional MACs): the retrieval literature's descriptors "
-                        "(docs/commands.md#descriptors---pooling-gem-rmac)")
+                        "(docs/commands.md#descriptors-for-search---pooling)")
     p.add_argument("--layer", default=None, help="custom model only: layer to cut the features at")
     p.add_argument("--preprocess", default=None,
                    help="custom model only: use this backbone's preprocess_input (default: none)")
