@@ -190,8 +190,8 @@ def test_int8_store_on_ray_runs_the_drivers_quantized_model(local_ray, tmp_path,
         report = embed_folder(images, tmp_path / "ray.tle", engine="ray", ray=RayOptions(), **opts)
     assert report.embedded == 24 and len(report.workers) == 2 and report.fidelity
     local, shipped = (carried.read_files(tmp_path / name / carried.FOLDER) for name in ("local.tle", "ray.tle"))
-    assert local["model.bin"] == shipped["model.bin"]  # the same quantization (names in the XML aside)
+    assert local["model.bin"] == shipped["model.bin"]  # the same quantization
     with EmbeddingStore.open(tmp_path / "local.tle") as x, EmbeddingStore.open(tmp_path / "ray.tle") as y:
         assert x.rows == y.rows and y.spec.precision == "int8"
-        assert y.spec.model_sha256 == carried.files_sha256(shipped)
+        assert y.spec.model_sha256 == carried.files_sha256(shipped) == x.spec.model_sha256
         np.testing.assert_allclose(x.embeddings, y.embeddings, rtol=1e-5, atol=1e-6)

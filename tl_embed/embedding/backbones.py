@@ -179,7 +179,8 @@ def check_compatible(expected: BackboneSpec, found: BackboneSpec, what: str) -> 
         if expected.model_sha256 != found.model_sha256:
             raise TlEmbedError(
                 f"{what} was embedded by the int8 model sha256:{expected.model_sha256[:12]}, but this uses "
-                f"sha256:{found.model_sha256[:12]} (quantized on other images); they cannot be mixed")
+                f"sha256:{found.model_sha256[:12]} (quantized on other images, or by another version); "
+                "they cannot be mixed")
     if expected.identity() != found.identity():
         raise TlEmbedError(
             f"{what} was made with {expected.describe()}, but this uses {found.describe()}; "

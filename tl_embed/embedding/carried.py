@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,13 +27,19 @@ from .backbones import BackboneSpec, converted_cache_dir
 FOLDER = "model"  # inside a store or an index
 FILES = ("model.xml", "model.bin")
 ARRAY_PREFIX = "backbone_"
+NAMES = re.compile(rb'\snames?="[^"]*"')  # node and tensor names in an IR's XML
 
 
 def files_sha256(files: dict[str, bytes]) -> str:
-    """The identity of an IR: its two files, in a fixed order."""
+    """The identity of an IR: its weights and its graph without names.
+
+    OpenVINO names the nodes it creates from a per-process counter, so quantizing the same model on the
+    same images twice gives the same weights and graph under other names; the names compute nothing.
+    """
     h = hashlib.sha256()
     for name in FILES:
-        h.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+        data = NAMES.sub(b"", files[name]) if name.endswith(".xml") else files[name]
+        h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
     return h.hexdigest()
 
 

@@ -243,7 +243,9 @@ class Index:
         check_compatible(old.spec, store.spec, f"index {out}")
         same = old.meta["store_uid"] == store.uid if "store_uid" in old.meta else old.meta["store"] == str(store_path)
         if not same:
-            raise TlEmbedError(f"index {out} belongs to another store ({old.meta['store']}); it was left as "
+            where = ("a store since re-created at the same path" if old.meta["store"] == str(store_path)
+                     else old.meta["store"])
+            raise TlEmbedError(f"index {out} belongs to another store ({where}); it was left as "
                                f"is: write the index of {store_path} to a new --out, or delete {out} to rebuild it")
         if old.meta["metric"] != metric or _family(old.meta["factory"]) != _family(factory):
             log(f"rebuilding {out}: {old.meta['factory']}/{old.meta['metric']} -> {factory}/{metric}")
