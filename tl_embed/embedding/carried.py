@@ -2,8 +2,9 @@
 
 A quantized model depends on the images it was calibrated on, so it cannot be rebuilt from the spec on
 another machine or after a cache was cleared.  The store carries its OpenVINO IR (``model/model.xml`` +
-``model.bin``); an index copies it into its own folder and a head into its file.  The IR's sha256 is the
-spec's ``model_sha256``, so whatever carries it is checked against the spec it claims to compute.
+``model.bin``); an index built from the store and a head trained on it each hold a copy in their one file.
+The IR's identity (:func:`files_sha256`) is the spec's ``model_sha256``, so whatever carries it is checked
+against the spec it claims to compute.
 
 To embed, a carried model is first *installed* into the converted-model cache under its sha256 (once;
 opening a store, index or head does it), and runtimes then find it by the spec alone, like a converted
@@ -60,7 +61,7 @@ def read_files(folder: Path) -> dict[str, bytes] | None:
 
 
 def write_files(files: dict[str, bytes], folder: Path) -> None:
-    """Write a carried IR into a folder being built (a store or index's temp folder)."""
+    """Write a carried IR into a folder being built (a new store's temp folder)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in FILES:
         (folder / name).write_bytes(files[name])
