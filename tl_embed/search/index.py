@@ -147,8 +147,7 @@ class Index:
                     self = cls._fresh(out, store, table, meta, choice, opts, target_recall)
                 self.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
                 self.meta.pop("memory_bytes", None)  # known once written: read back from the sizes in the header
-                whitening = self.space.whitening
-                arrays = {**(whitening.to_arrays() if whitening else {}),
+                arrays = {**(self.space.whitening.to_arrays() if self.space.whitening else {}),
                           **carried.to_arrays(carried.read_files(store_path / carried.FOLDER))}
                 self.meta["memory_bytes"] = storage.write(out, self.faiss_index, self.table, self.meta, arrays or None)
         return self
@@ -243,10 +242,9 @@ class Index:
         check_compatible(old.spec, store.spec, f"index {out}")
         same = old.meta["store_uid"] == store.uid if "store_uid" in old.meta else old.meta["store"] == str(store_path)
         if not same:
-            where = ("a store since re-created at the same path" if old.meta["store"] == str(store_path)
-                     else old.meta["store"])
-            raise TlEmbedError(f"index {out} belongs to another store ({where}); it was left as "
-                               f"is: write the index of {store_path} to a new --out, or delete {out} to rebuild it")
+            where = "re-created at that path since" if old.meta["store"] == str(store_path) else old.meta["store"]
+            raise TlEmbedError(f"index {out} belongs to another store ({where}); it was left as is: write the "
+                               f"index of {store_path} to a new --out, or delete {out} to rebuild it")
         if old.meta["metric"] != metric or _family(old.meta["factory"]) != _family(factory):
             log(f"rebuilding {out}: {old.meta['factory']}/{old.meta['metric']} -> {factory}/{metric}")
             return None
