@@ -90,6 +90,18 @@ def test_near_copies_across_splits_and_with_other_labels_are_found(tmp_path):
     assert conflict[0].similarity > 0.99
 
 
+def test_past_the_exact_limit_the_graph_finds_the_same_duplicates(tmp_path, monkeypatch):
+    X, labels, splits = clustered()
+    X[1] = X[0] * 1.01  # a training copy of test image 0
+    X[42] = X[41] * 0.99
+    labels[42] = "c0"
+    store = make_store(tmp_path / "s.tle", X, labels, splits)
+    exact = audit_store(store, head="logreg").duplicates
+    monkeypatch.setattr("tl_embed.audit.run.EXACT_PAIRS_MAX", 10)
+    assert audit_store(store, head="logreg").duplicates == exact
+    assert sorted(d.kind for d in exact) == ["cross-split", "label-conflict"]
+
+
 def test_a_planted_outlier_is_found_and_an_unlabelled_store_gets_what_applies(tmp_path):
     X, labels, _ = clustered()
     X[5] = -10 * X[5]  # points away from every class

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tl_embed.audit import oof
 from tl_embed.audit.confident import (
     blend,
     confident_joint,
@@ -12,7 +13,7 @@ from tl_embed.audit.confident import (
     label_quality,
     neighbour_label_proba,
 )
-from tl_embed.audit.oof import choose_folds, out_of_fold_proba
+from tl_embed.audit.oof import _sample, choose_folds, out_of_fold_proba
 from tl_embed.errors import TlEmbedError
 
 
@@ -104,6 +105,25 @@ def test_out_of_fold_rows_come_from_heads_that_never_saw_them():
         assert np.allclose(proba.sum(1), 1, atol=1e-5)
         assert proba[-1, 1] < most, head
         assert find_label_issues(y, proba)[0] in (0, len(y) - 1)
+
+
+def test_past_the_fit_limit_each_fold_trains_on_a_stratified_sample(monkeypatch):
+    y = np.array([0] * 100 + [1] * 30 + [2] * 3)
+    rows = np.arange(1000, 1000 + len(y))
+    kept = _sample(rows, y, 40, np.random.default_rng(0))
+    assert (np.diff(kept) > 0).all() and set(kept) <= set(rows)
+    assert np.bincount(y[kept - 1000]).tolist() == [30, 9, 2]  # in proportion, never under 2 a class
+    assert _sample(rows, y, len(y), np.random.default_rng(0)) is rows
+    X, y = blobs(per_class=30, spread=0.6)
+    X[7] = X[y == 0].mean(0)
+    noisy = y.copy()
+    noisy[7] = 2
+    whole, _ = out_of_fold_proba(X, noisy, head="logreg")
+    read = out_of_fold_proba(lambda r: X[r], noisy, head="logreg")[0]  # rows read by position: the same
+    np.testing.assert_array_equal(read, whole)
+    monkeypatch.setattr(oof, "FIT_MAX_ROWS", 24)  # each fold's head now sees 24 of its 60 rows
+    sampled, _ = out_of_fold_proba(X, noisy, head="logreg")
+    assert not np.allclose(sampled, whole) and find_label_issues(noisy, sampled)[0] == 7
 
 
 def test_progress_bar_goes_to_stderr(capsys):

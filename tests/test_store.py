@@ -174,6 +174,34 @@ def test_take_gathers_rows_across_shards(tmp_path):
         assert s.take(np.array([], dtype=np.int64)).shape == (0, 4)
 
 
+def _mapped_shard_kb() -> int:
+    """Resident kB of this process's memory maps of store shards (from /proc/self/smaps)."""
+    total, in_shard = 0, False
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split(" ", 1)[0]:  # a mapping's header line
+            in_shard = "/shards/" in line
+        elif in_shard and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_long_passes_do_not_keep_the_store_resident(tmp_path):
+    # a pass over a store larger than memory must not show as that much RSS: pages are let go after use
+    spec = BackboneSpec("test", "random", "random", 32, "none", "avg", 256)
+    vectors = np.random.default_rng(0).random((16_384, 256), dtype=np.float32)  # 16 MB
+    with EmbeddingStore.create(tmp_path / "s.tle", spec) as s:
+        s.add(rows([f"{i}.jpg" for i in range(len(vectors))]), vectors)
+        s.consolidate()
+    with EmbeddingStore.open(tmp_path / "s.tle") as s:
+        assert sum(len(v) for _, _, v in s.iter_chunks(rows=4096)) == len(vectors)
+        assert _mapped_shard_kb() < 1024
+        np.testing.assert_array_equal(s.take(np.arange(len(vectors))), vectors)
+        assert _mapped_shard_kb() > 8 * 1024  # take alone keeps what it read mapped ...
+        s.release_pages()
+        assert _mapped_shard_kb() < 1024  # ... until the reader lets go
+        np.testing.assert_array_equal(s.take(np.array([5, 16_000])), vectors[[5, 16_000]])  # still readable
+
+
 def test_a_store_from_an_earlier_version_is_upgraded_on_its_first_write(tmp_path):
     import sqlite3
 

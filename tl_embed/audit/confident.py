@@ -21,6 +21,7 @@ RANKINGS = ("self_confidence", "normalized_margin")
 METHODS = {"margin": "normalized_margin", "prune_by_noise_rate": "self_confidence"}  # method -> its ranking
 TOLERANCE = 1e-9  # a probability this close below a class's threshold counts as reaching it
 NEIGHBOUR_WEIGHT = 0.35  # share of the neighbours' labels in :func:`blend` (benchmarks/audit.py, with k = 20)
+BLOCK_ROWS = 65_536  # rows of an (n, K) array computed at once
 
 
 def confident_joint(labels: np.ndarray, proba: np.ndarray) -> np.ndarray:
@@ -76,8 +77,7 @@ def find_label_issues(labels: np.ndarray, proba: np.ndarray, neighbour_proba: np
         chosen = rows[np.argsort(-score[rows], kind="stable")[:flagged.sum()]]
         flagged = np.zeros_like(flagged)
         flagged[chosen] = True
-    for i in range(proba.shape[1]):
-        rows = np.flatnonzero(labels == i)
+    for rows in _rows_by_class(labels, proba.shape[1]):
         if flagged[rows].all():
             flagged[rows[np.argmax(own[rows])]] = False
     issues = np.flatnonzero(flagged)
@@ -112,23 +112,31 @@ def _prune_by_noise_rate(labels: np.ndarray, proba: np.ndarray) -> np.ndarray:
     """Boolean mask of the rows Prune by Noise Rate removes (Sec. 3.2), before any guard."""
     joint = confident_joint(labels, proba)
     flagged = np.zeros(len(labels), dtype=bool)
+    members = _rows_by_class(labels, proba.shape[1])
     for i, j in zip(*np.nonzero(joint), strict=True):
         if i != j:
-            rows = np.flatnonzero(labels == i)
+            rows = members[i]
             margin = proba[rows, j] - proba[rows, i]
             flagged[rows[np.argsort(-margin, kind="stable")[:joint[i, j]]]] = True
     return flagged
 
 
 def blend(proba: np.ndarray, neighbour_proba: np.ndarray | None) -> np.ndarray:
-    """The out-of-fold probabilities mixed with the k-NN view (unchanged where there is none)."""
+    """The out-of-fold probabilities mixed with the k-NN view (unchanged where there is none).
+
+    Computed in place on one new (n, K) array: at a million rows each such array is hundreds of MB.
+    """
     if neighbour_proba is None:
         return proba
-    neighbour_proba = np.asarray(neighbour_proba, dtype=np.float64)
+    neighbour_proba = np.asarray(neighbour_proba)
     if neighbour_proba.shape != proba.shape:
         raise TlEmbedError(f"neighbour probabilities have shape {neighbour_proba.shape}, not {proba.shape}")
-    seen = neighbour_proba.sum(axis=1, keepdims=True) > 0
-    return np.where(seen, (1 - NEIGHBOUR_WEIGHT) * proba + NEIGHBOUR_WEIGHT * neighbour_proba, proba)
+    unseen = neighbour_proba.sum(axis=1) <= 0
+    out = np.multiply(neighbour_proba, NEIGHBOUR_WEIGHT, dtype=proba.dtype)
+    for start in range(0, len(out), BLOCK_ROWS):  # in blocks: no full-size temporary
+        out[start:start + BLOCK_ROWS] += (1 - NEIGHBOUR_WEIGHT) * proba[start:start + BLOCK_ROWS]
+    out[unseen] = proba[unseen]
+    return out
 
 
 def neighbour_label_proba(neighbours: np.ndarray, similarities: np.ndarray, labels: np.ndarray,
@@ -142,8 +150,8 @@ def neighbour_label_proba(neighbours: np.ndarray, similarities: np.ndarray, labe
     neighbours = np.asarray(neighbours)
     sims = np.asarray(similarities, dtype=np.float64)
     valid = (neighbours >= 0) & np.isfinite(sims)
-    weights = np.where(valid, np.maximum(np.where(valid, sims, 0), 0) + 1e-12, 0)
-    out = np.zeros((len(neighbours), n_classes))
+    weights = np.where(valid, np.maximum(np.where(valid, sims, 0), 0) + 1e-12, 0).astype(np.float32)
+    out = np.zeros((len(neighbours), n_classes), np.float32)
     np.add.at(out, (np.arange(len(neighbours))[:, None], np.asarray(labels)[np.where(valid, neighbours, 0)]),
               weights)
     total = out.sum(axis=1, keepdims=True)
@@ -152,7 +160,8 @@ def neighbour_label_proba(neighbours: np.ndarray, similarities: np.ndarray, labe
 
 def _check(labels: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels)
-    proba = np.asarray(proba, dtype=np.float64)
+    proba = np.asarray(proba)
+    proba = proba if proba.dtype in (np.float32, np.float64) else proba.astype(np.float64)  # float32 stays
     if proba.ndim != 2 or labels.shape != (len(proba),):
         raise TlEmbedError(f"expected (n, K) probabilities and n labels, got {proba.shape} and {labels.shape}")
     k = proba.shape[1]
@@ -162,6 +171,12 @@ def _check(labels: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.ndarra
     if missing.size:
         raise TlEmbedError(f"class(es) {', '.join(map(str, missing))} label no row: thresholds need rows of each class")
     return labels, proba
+
+
+def _rows_by_class(labels: np.ndarray, k: int) -> list[np.ndarray]:
+    """The rows of each class 0..k-1, found in one sort (not k passes over a million labels)."""
+    order = np.argsort(labels, kind="stable")
+    return np.split(order, np.searchsorted(labels[order], np.arange(1, k)))
 
 
 def _round_rows(values: np.ndarray, totals: np.ndarray) -> np.ndarray:

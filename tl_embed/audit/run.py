@@ -2,12 +2,15 @@
 
 1. the k-NN graph (:func:`tl_embed.search.neighbours.nearest_neighbours`): the evidence beside every
    finding, and the outlier scores;
-2. near-duplicate pairs (``dedup``'s search): kept when they cross splits or disagree on the label;
+2. near-duplicate pairs (``dedup``'s exact search, or past its exact limit the graph's pairs): kept
+   when they cross splits or disagree on the label;
 3. out-of-fold probabilities from the default head and confident learning (:mod:`.oof`,
    :mod:`.confident`): likely wrong labels, and the classes the head confuses;
 4. outliers: a robust z-score of each image's mean distance to its neighbours, within its class.
 
-Nothing is changed: the audit only reads the store, and what a user does about a finding is theirs
+Memory stays bounded at any store size: vectors are streamed or read in batches (never the whole
+store at once), and ``benchmarks/audit_scale.py`` measures a million rows.  Nothing is changed: the
+audit only reads the store, and what a user does about a finding is theirs
 (``train --exclude``, a relabel file).
 """
 
@@ -23,8 +26,8 @@ import numpy as np
 from ..embedding.store import EmbeddingStore
 from ..errors import TlEmbedError
 from ..heads.head import DEFAULT_HEAD
-from ..search.dedup import duplicate_pairs
-from ..search.neighbours import nearest_neighbours
+from ..search.dedup import EXACT_PAIRS_MAX, duplicate_pairs
+from ..search.neighbours import graph_pairs, nearest_neighbours
 from .findings import Audit, DatasetShape, Duplicate, LabelIssue, Neighbour, Outlier
 
 EVALUATION_SPLITS = ("test", "val")  # what a head is scored on: a near-copy of these in training leaks
@@ -60,8 +63,9 @@ def audit_store(store_path: str | os.PathLike, k: int = 20, threshold: float = 0
         sims, nbrs = nearest_neighbours(store, min(k, n - 1), progress=progress)
         seconds["neighbours"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        i, j, s = duplicate_pairs(store, threshold, progress=progress)
+        t = time.perf_counter()  # past dedup's exact limit, the graph's exactly scored pairs: no second search
+        i, j, s = duplicate_pairs(store, threshold, progress=progress) if n <= EXACT_PAIRS_MAX else \
+            graph_pairs(sims, nbrs, threshold)
         seconds["duplicates"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -116,8 +120,14 @@ def _label_pass(store: EmbeddingStore, labels: np.ndarray, head: str, cv: int, s
                            "labels are not checked")
     keep = set(judgeable)
     used = np.flatnonzero(np.array([lab in keep for lab in labels], dtype=bool))
-    X = store.take(used)
-    proba, classes = out_of_fold_proba(X, labels[used].astype(str), head=head, cv=cv, seed=seed, progress=progress)
+
+    def read(rows: np.ndarray) -> np.ndarray:
+        vectors = store.take(used[rows])
+        store.release_pages()  # the process holds what it reads, not the store's size
+        return vectors
+
+    proba, classes = out_of_fold_proba(read, labels[used].astype(str), head=head, cv=cv, seed=seed,
+                                       progress=progress)
     predicted = np.asarray(classes)[proba.argmax(1)]
     given = labels[used].astype(str)
     shape.oof_accuracy = float((predicted == given).mean())
@@ -143,7 +153,7 @@ def _label_issues(proba: np.ndarray, classes: list[str], used: np.ndarray, paths
     The blend and the margin ranking are what ``benchmarks/audit.py`` measured most precise against planted
     label noise (see :func:`~tl_embed.audit.confident.find_label_issues`).
     """
-    from .confident import find_label_issues, label_quality, neighbour_label_proba
+    from .confident import blend, find_label_issues, label_quality, neighbour_label_proba
 
     column = {c: m for m, c in enumerate(classes)}
     given = np.array([column[str(lab)] for lab in labels[used]])
@@ -152,10 +162,10 @@ def _label_issues(proba: np.ndarray, classes: list[str], used: np.ndarray, paths
     class_of[used] = given
     near = nbrs[used]
     near_class = np.where(near >= 0, class_of[np.maximum(near, 0)], -1)  # neighbours whose label is judged
-    neighbour_proba = neighbour_label_proba(near_class, sims[used], np.arange(len(classes)), len(classes))
-    suspicion = label_quality(given, proba, "normalized_margin", neighbour_proba)
+    blended = blend(proba, neighbour_label_proba(near_class, sims[used], np.arange(len(classes)), len(classes)))
+    suspicion = label_quality(given, blended, "normalized_margin")
     found = []
-    for r in find_label_issues(given, proba, neighbour_proba):
+    for r in find_label_issues(given, blended):
         row = int(used[r])
         others = proba[r].copy()
         others[given[r]] = -1

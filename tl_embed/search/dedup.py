@@ -91,7 +91,7 @@ def normalised_chunks(store: EmbeddingStore, desc: str, progress: bool) -> Itera
             bar.update(len(chunk))
 
 
-def _canonical(n: int, i: np.ndarray, j: np.ndarray, s: np.ndarray) -> Pairs:
+def canonical_pairs(n: int, i: np.ndarray, j: np.ndarray, s: np.ndarray) -> Pairs:
     """Each unordered pair once, as i < j, sorted (self-pairs dropped)."""
     keep = i != j
     lo, hi = np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])
@@ -110,7 +110,7 @@ def _exact_pairs(store: EmbeddingStore, threshold: float, progress: bool) -> Pai
         lims, sims, nbrs = index.range_search(x, threshold - 1e-6)
         rows = start + np.repeat(np.arange(len(x)), np.diff(lims).astype(np.int64))
         found.append((rows, nbrs.astype(np.int64), sims))
-    return _canonical(len(store), *(np.concatenate(a) for a in zip(*found, strict=True)))
+    return canonical_pairs(len(store), *(np.concatenate(a) for a in zip(*found, strict=True)))
 
 
 def _ann_pairs(store: EmbeddingStore, threshold: float, k: int, progress: bool) -> Pairs:
@@ -135,7 +135,7 @@ def _ann_pairs(store: EmbeddingStore, threshold: float, k: int, progress: bool) 
             bar.update(len(q))
     del index, reduced, probes
     i, j = (np.concatenate(a) for a in zip(*found, strict=True))
-    i, j, _ = _canonical(n, i, j, np.zeros(len(i), np.float32))
+    i, j, _ = canonical_pairs(n, i, j, np.zeros(len(i), np.float32))
     s = pair_cosines(store, i, j)
     keep = s >= threshold - 1e-6
     return i[keep], j[keep], s[keep]
@@ -210,6 +210,7 @@ def pair_cosines(store: EmbeddingStore, i: np.ndarray, j: np.ndarray) -> np.ndar
         for p in range(0, len(bi), 4096):
             sims = np.einsum("ij,ij->i", vectors[a[p:p + 4096]], vectors[b[p:p + 4096]])
             out[lo + p:lo + p + len(sims)] = sims
+        store.release_pages()
     return out
 
 

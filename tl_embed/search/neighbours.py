@@ -9,18 +9,22 @@ choice of neighbours is approximate.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..embedding.store import EmbeddingStore
-from .build import load_faiss
+from .build import load_faiss, prepare_vectors
 from .dedup import (
     EXACT_PAIRS_MAX,
     PCA_SAMPLES,
     SEARCH_BATCH,
+    VERIFY_BYTES,
+    Pairs,
+    canonical_pairs,
     fit_projection,
     ivf_index,
     normalised_chunks,
-    pair_cosines,
     progress_bar,
 )
 
@@ -38,6 +42,18 @@ def nearest_neighbours(store: EmbeddingStore, k: int = 10, exact_max: int = EXAC
     else:
         sims, idx = _approximate(store, k, progress)
     return sims, idx
+
+
+def graph_pairs(sims: np.ndarray, nbrs: np.ndarray, threshold: float) -> Pairs:
+    """The pairs (i < j, each once) the graph links at cosine >= ``threshold``: near-duplicates, no new search.
+
+    Past ``exact_max`` rows this finds what ``dedup``'s ANN mode finds from more candidates per row
+    (each row's ``2k + 1`` nearest in the reduced space, scored exactly), and costs nothing more once
+    the graph is built; only a pair outside both rows' k nearest is missed.
+    """
+    rows = np.broadcast_to(np.arange(len(nbrs))[:, None], nbrs.shape)
+    near = (nbrs >= 0) & (sims >= threshold - 1e-6)
+    return canonical_pairs(len(nbrs), rows[near], nbrs[near], sims[near])
 
 
 def _top_k_without_self(rows: np.ndarray, sims: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,9 +102,38 @@ def _approximate(store: EmbeddingStore, k: int, progress: bool) -> tuple[np.ndar
             candidates[start:start + len(q)] = found
             bar.update(len(q))
     del index, reduced, probes
-    rows = np.repeat(np.arange(n), wanted)
-    flat = candidates.ravel()
-    ok = (flat >= 0) & (flat != rows)
-    sims = np.full(n * wanted, -np.inf, np.float32)
-    sims[ok] = pair_cosines(store, rows[ok], flat[ok])  # exact, from the full vectors
-    return _top_k_without_self(np.arange(n), sims.reshape(n, wanted), candidates, k)
+    return _top_k_without_self(np.arange(n), _exact_scores(store, candidates, progress), candidates, k)
+
+
+def _exact_scores(store: EmbeddingStore, candidates: np.ndarray, progress: bool) -> np.ndarray:
+    """The exact cosine of every row with each of its candidates (-inf for none or itself), (n, w).
+
+    Reading each candidate's vector at random would fault in pages all over the store (~40 us a row,
+    and the store's size in RSS); instead a block of rows is held normalised in memory while the whole
+    store streams past once, and each candidate is scored when its chunk goes by: sequential reads only,
+    a pass per :data:`VERIFY_BYTES` of rows.
+    """
+    n, w = candidates.shape
+    sims = np.full((n, w), -np.inf, np.float32)
+    block = max(1, VERIFY_BYTES // (store.dim * 4))
+    passes = math.ceil(n / block)
+    with progress_bar(n * passes, "neighbours: exact scores", progress) as bar:
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            held = store.take(np.arange(lo, hi))
+            store.release_pages()
+            held /= np.maximum(np.sqrt(np.einsum("ij,ij->i", held, held)), 1e-12)[:, None]  # in place: no copies
+            flat = candidates[lo:hi].ravel()
+            ok = np.flatnonzero((flat >= 0) & (flat != np.repeat(np.arange(lo, hi), w)))
+            ok = ok[np.argsort(flat[ok], kind="stable")]  # by the candidate's position: chunk by chunk
+            targets = flat[ok]
+            scores = sims[lo:hi].reshape(-1)  # a view: written in place
+            for start, _, chunk in store.iter_chunks():
+                a, b = np.searchsorted(targets, [start, start + len(chunk)])
+                if a < b:
+                    chunk = prepare_vectors(chunk, "cosine")
+                    for p in range(a, b, 4096):
+                        q = ok[p:min(b, p + 4096)]
+                        scores[q] = np.einsum("ij,ij->i", held[q // w], chunk[targets[p:p + len(q)] - start])
+                bar.update(len(chunk))
+    return sims

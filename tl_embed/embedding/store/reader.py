@@ -174,6 +174,16 @@ class StoreReader:
             return out
         return shards.gather(self._shards, self._located()[0][positions], out)
 
+    def release_pages(self) -> None:
+        """Let go of the shard pages this reader has mapped in (see :func:`shards.drop_pages`).
+
+        Long passes that read rows with :meth:`take` call this between batches, so the process's
+        resident size stays at what it holds, not at the size of the store.  :meth:`iter_chunks` does
+        it after every chunk.
+        """
+        for shard in self._shards.values():
+            shards.drop_pages(shard)
+
     def iter_paths(self, rows: int = 65_536) -> Iterator[list[str]]:
         """Relative paths in manifest order, ``rows`` at a time (no ManifestRow per image)."""
         self._located()

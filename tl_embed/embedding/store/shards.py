@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import math
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,8 +86,21 @@ def chunks(shards: dict[int, np.ndarray], locations: np.ndarray, ids: np.ndarray
     while start < len(locations):
         sid = locations[start, 0]
         end = min(start + rows, int(np.searchsorted(locations[:, 0], sid, side="right")))
-        yield start, ids[start:end], np.asarray(shards[int(sid)][locations[start:end, 1]])
+        yield start, ids[start:end], np.asarray(shards[int(sid)][locations[start:end, 1]])  # a copy
+        drop_pages(shards[int(sid)])
         start = end
+
+
+def drop_pages(shard: np.ndarray) -> None:
+    """Unmap the pages of a shard this process has read; they stay in the OS page cache.
+
+    A memory map's pages count in the process's resident size until it lets go of them, so one pass
+    over a store larger than memory would otherwise show as that much RSS (and compete with the
+    heap).  Reading a page again is a minor fault from the page cache, not a disk read.
+    """
+    mapped = getattr(shard, "_mmap", None)
+    if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def chunk_rows(row_bytes: int) -> int:
