@@ -83,6 +83,16 @@ def test_draft_mode_matches_full_decode():
     assert np.abs(fast.astype(int) - full.astype(int)).mean() < 6
 
 
+def test_a_phone_cameras_multi_picture_jpeg_is_decoded_like_a_plain_one():
+    rng = np.random.default_rng(1)
+    big = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((2000, 1500))
+    mpo = encode(big, "MPO", quality=90, save_all=True, append_images=[big.rotate(90)])
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    pixels, w, h = decode_bytes(mpo, 64)
+    assert (w, h) == (2000, 1500)
+    np.testing.assert_array_equal(pixels, decode_bytes(encode(big, "JPEG", quality=90), 64)[0])  # draft too
+
+
 def test_broken_files_raise_typed_errors(tmp_path):
     ok = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
     cases = {"empty.jpg": b"", "truncated.jpg": ok[: len(ok) // 2], "text.jpg": b"hello, not an image"}
