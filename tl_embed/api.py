@@ -49,14 +49,16 @@ def evaluate(head: Head | Pathish, target: Pathish, split: str | None = None, ru
     return evaluate_head(_head(head), target, split, runtime, relabel)[0]
 
 
-def export_model(head: Head | Pathish, fmt: str, out: Pathish):
+def export_model(head: Head | Pathish, fmt: str, out: Pathish, precision: str = "auto"):
     """Write a head and its backbone as one model in ``fmt`` into the folder ``out`` (``tl-embed export-model``).
 
-    Formats: keras, savedmodel, tflite, onnx, openvino.  Returns what was written (folder, size, seconds).
+    Formats: keras, savedmodel, tflite, onnx, openvino.  ``precision``: ``auto`` (the head's own: a head
+    trained on int8 embeddings exports its quantized backbone, openvino only), ``fp32`` or ``int8``.
+    Returns what was written (folder, size, seconds, precision).
     """
     from .heads.export import export_model as write_export
 
-    return write_export(_head(head), fmt, out)
+    return write_export(_head(head), fmt, out, precision)
 
 
 def build_index(store: Pathish, out: Pathish, kind: str = "auto", metric: str = "cosine",

@@ -261,7 +261,7 @@ def cmd_evaluate(args) -> None:
 
 # ----------------------------------------------------------- export-model
 def register_export_model(sub) -> None:
-    from ..heads.exported import FORMATS
+    from ..heads.exported import FORMATS, PRECISIONS
 
     p = add_command(sub, "export-model", "export a head with its backbone as one model (images -> probabilities)",
              "Fold the backbone, its preprocessing and the head into one model taking RGB uint8 images "
@@ -272,8 +272,12 @@ def register_export_model(sub) -> None:
     p.add_argument("model", help="model file from `tl-embed train`")
     p.add_argument("--format", required=True, choices=list(FORMATS),
                    help="keras (.keras file), savedmodel (TensorFlow SavedModel), tflite (fp32), "
-                        "onnx (needs tl_embed[export]), openvino (IR, fp32)")
+                        "onnx (needs tl_embed[export]), openvino (IR, fp32 or int8)")
     p.add_argument("--out", "-o", required=True, help="folder to write")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                   help="auto: the head's own (an int8 head exports its quantized backbone, openvino only); "
+                        "fp32: the fp32 backbone, also for a head trained on int8 embeddings; int8: openvino only, "
+                        "for a head trained on a --precision int8 store")
     add_trust_pickle_option(p)
     p.set_defaults(func=cmd_export_model, reads={"model": (HEAD,)}, writes=EXPORT)
 
@@ -285,10 +289,10 @@ def cmd_export_model(args) -> None:
 
     check_format(args.format)
     head = Head.load(args.model, args.trust_pickle)
-    res = export_model(head, args.format, args.out)
+    res = export_model(head, args.format, args.out, args.precision)
     s = head.spec.input_size
     print(f"exported {Path(args.model).name} ({head.head} head, {head.spec.describe()}) as {args.format} "
-          f"in {res.seconds:.1f} s: {res.out / FORMATS[args.format]} ({res.bytes / 1e6:.1f} MB)")
+          f"{res.precision} in {res.seconds:.1f} s: {res.out / FORMATS[args.format]} ({res.bytes / 1e6:.1f} MB)")
     print(f"input 'image': uint8 RGB 0-255, (N, {s}, {s}, 3); output 'probabilities': (N, {len(head.classes)}) "
           f"in the order of {res.out / 'labels.txt'}; see {res.out / 'README.md'}")
 

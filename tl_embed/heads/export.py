@@ -1,10 +1,12 @@
 """Writing an export folder: a trained head and its backbone as one model file to ship, in the format asked.
 
 The model is :func:`tl_embed.heads.keras_head.build_classifier`'s Keras graph, saved or converted here to
-keras, savedmodel, tflite, onnx or openvino.  Next to it go ``labels.txt``, a ``README.md`` saying how to
-call it, and ``export.json``, which lets ``tl-embed predict DIR`` run it (:mod:`tl_embed.heads.exported`
-reads it).  The folder is built in a temp sibling and swapped in, so a failed export leaves the old one.
-TensorFlow and the converters are imported inside the writers: importing this module costs nothing.
+keras, savedmodel, tflite, onnx or openvino; a head trained on int8 embeddings exports, to openvino only,
+the quantized backbone it was trained with (:mod:`.int8_export`), since Keras would compute fp32.  Next to
+the model go ``labels.txt``, a ``README.md`` saying how to call it, and ``export.json``, which lets
+``tl-embed predict DIR`` run it (:mod:`tl_embed.heads.exported` reads it).  The folder is built in a temp
+sibling and swapped in, so a failed export leaves the old one.  TensorFlow and the converters are imported
+inside the writers: importing this module costs nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,9 @@ from .. import __version__
 from ..errors import TlEmbedError, first_line
 from ..files import fsync_dir, umask_mode
 from ..kinds import EXPORT, require_output
-from .exported import EXPORT_FORMAT, FORMATS, MANIFEST, is_export_dir, require_modules
+from .exported import EXPORT_FORMAT, FORMAT_PRECISIONS, FORMATS, MANIFEST, PRECISIONS, is_export_dir, require_modules
 from .head import Head
+from .int8_export import int8_classifier
 from .keras_head import INPUT_NAME, OUTPUT_NAME, build_classifier
 
 ONNX_OPSET = 17
@@ -38,6 +41,7 @@ class ExportResult:
     fmt: str
     seconds: float
     bytes: int  # the model file(s), labels and README excluded
+    precision: str  # what the exported model computes in: fp32 or int8
 
 
 def check_format(fmt: str) -> str:
@@ -49,30 +53,64 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
-def export_model(head: Head, fmt: str, out: str | os.PathLike) -> ExportResult:
-    """Write ``head`` with its backbone as one ``fmt`` model into the folder ``out``.
+def check_precision(head: Head, fmt: str, asked: str = "auto") -> str:
+    """What a ``fmt`` export of ``head`` computes in (``auto``: the head's own precision), or one line why not.
+
+    An int8 head's quantized backbone runs only in OpenVINO; any other format would silently compute the
+    fp32 backbone instead, which the head was not trained on, so that takes an explicit ``--precision fp32``.
+    """
+    own = head.spec.precision
+    if asked not in PRECISIONS:
+        raise TlEmbedError(f"unknown export precision {asked!r}; choose one of {', '.join(PRECISIONS)}")
+    if asked == "int8" and fmt != "openvino":
+        raise TlEmbedError(f"int8 export is only for --format openvino; --format {fmt} computes fp32 "
+                           "(ask for --precision fp32, or export as openvino)")
+    if asked == "int8" and own != "int8":
+        raise TlEmbedError(f"--precision int8 exports the int8 backbone a head was trained on, and this head was "
+                           f"trained on {own} embeddings: embed its store with --precision int8 and train again")
+    if asked == "fp32":
+        return "fp32"
+    if own in FORMAT_PRECISIONS[fmt]:
+        return own
+    where = "only --format openvino exports its int8 backbone; " if own == "int8" else ""
+    raise TlEmbedError(f"this head was trained on {own} embeddings, and --format {fmt} computes fp32: "
+                       f"{where}ask for --precision fp32 to export the fp32 backbone anyway")
+
+
+def export_model(head: Head, fmt: str, out: str | os.PathLike, precision: str = "auto") -> ExportResult:
+    """Write ``head`` with its backbone as one ``fmt`` model into the folder ``out``, in ``precision``.
 
     ``out`` must be new, empty, or a previous export (replaced); the export is written into a temp
     sibling first, so a failed export leaves ``out`` as it was.
     """
     check_format(fmt)
+    precision = check_precision(head, fmt, precision)
     out = Path(out)
     _check_out(out)
-    _check_rebuildable(head)
+    inside = head if precision == "int8" else as_fp32(head)  # the head on the backbone the export computes
+    if precision == "fp32":
+        _check_rebuildable(inside)
     start = time.perf_counter()
-    model = build_classifier(head)
+    model = int8_classifier(inside) if precision == "int8" else build_classifier(inside)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _WRITERS[fmt](model, tmp / FORMATS[fmt], head.spec.input_size)
         size = _size(tmp / FORMATS[fmt]) + (_size(tmp / "model.bin") if fmt == "openvino" else 0)
         (tmp / "labels.txt").write_text("".join(f"{c}\n" for c in head.classes))
-        (tmp / "README.md").write_text(_readme(head, fmt))
-        (tmp / MANIFEST).write_text(json.dumps(_manifest(head, fmt), indent=1))
+        (tmp / "README.md").write_text(_readme(inside, fmt, head.spec.precision))
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(inside, fmt, head.spec.precision), indent=1))
         tmp.chmod(umask_mode())  # a shipped model is readable by others and services, as any folder we make
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ExportResult(out, fmt, time.perf_counter() - start, size)
+    return ExportResult(out, fmt, time.perf_counter() - start, size, precision)
+
+
+def as_fp32(head: Head) -> Head:
+    """``head`` on the fp32 backbone: itself, or (asked for explicitly) a reduced-precision head's steps on it."""
+    if head.spec.precision == "fp32":
+        return head
+    return replace(head, spec=replace(head.spec, precision="fp32", model_sha256=""), backbone=None)
 
 
 # ------------------------------------------------------------------ writers
@@ -133,12 +171,14 @@ def _rename(graph: Any, old: str, new: str) -> None:
 
 
 def _write_openvino(model: Any, path: Path, size: int) -> None:
+    """Convert the Keras model, or save the OpenVINO one :mod:`.int8_export` built, as is."""
     import openvino as ov
 
-    with warnings.catch_warnings():  # Keras warns that the converter passes inputs as a list
-        warnings.simplefilter("ignore", UserWarning)
-        converted = ov.convert_model(model)
-    ov.save_model(converted, path, compress_to_fp16=False)
+    if not isinstance(model, ov.Model):
+        with warnings.catch_warnings():  # Keras warns that the converter passes inputs as a list
+            warnings.simplefilter("ignore", UserWarning)
+            model = ov.convert_model(model)
+    ov.save_model(model, path, compress_to_fp16=False)
 
 
 _WRITERS: dict[str, Callable[[Any, Path, int], None]] = {
@@ -181,13 +221,16 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-def _manifest(head: Head, fmt: str) -> dict[str, Any]:
-    size = head.spec.input_size
+def _manifest(head: Head, fmt: str, trained_on: str) -> dict[str, Any]:
+    """``head`` as exported (its spec is what the model computes); ``trained_on``: the precision it was trained on."""
+    size, precision = head.spec.input_size, head.spec.precision
+    other = {"head_trained_on": trained_on} if trained_on != precision else {}
     return {"format": EXPORT_FORMAT, "model_format": fmt, "model": FORMATS[fmt], "classes": head.classes,
             "input": {"name": INPUT_NAME, "shape": [None, size, size, 3], "dtype": "uint8", "range": [0, 255],
                       "channels": "RGB", "resize": "whole image, bilinear, no crop"},
             "output": {"name": OUTPUT_NAME, "shape": [None, len(head.classes)], "dtype": "float32"},
-            "head": head.head, "backbone": head.spec.to_dict(), "tl_embed": __version__}
+            "precision": precision, **other, "head": head.head, "backbone": head.spec.to_dict(),
+            "tl_embed": __version__}
 
 
 _USAGE = {  # format -> (load the model, run it on ``images``)
@@ -203,19 +246,30 @@ _USAGE = {  # format -> (load the model, run it on ``images``)
     "onnx": ('import onnxruntime as ort\nsession = ort.InferenceSession("model.onnx")',
              'proba = session.run(None, {"image": images})[0]'),
     "openvino": ('import openvino as ov\n'
-                 '# f32 as exported: left unstated, a CPU with native bf16 runs bf16 and the probabilities drift\n'
+                 '# f32 as predict runs it: unstated, a CPU with native bf16 runs bf16 and the probabilities drift\n'
                  'model = ov.Core().compile_model("model.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32"})',
                  "proba = model(images)[0]"),
 }
 
 
-def _readme(head: Head, fmt: str) -> str:
+def _precision_note(head: Head, trained_on: str) -> str:
+    if head.spec.precision == "int8":
+        return (f"int8: the backbone is the NNCF-quantized model the head was trained with (sha256:"
+                f"{head.spec.model_sha256[:12]}), the head fp32; it runs on OpenVINO only")
+    if trained_on != "fp32":
+        return (f"fp32, asked for explicitly: the head was trained on {trained_on} embeddings, so its answers "
+                "can differ a little from `tl-embed predict` with its model file")
+    return "fp32"
+
+
+def _readme(head: Head, fmt: str, trained_on: str) -> str:
     s, n = head.spec.input_size, len(head.classes)
     load, run = _USAGE[fmt]
     return f"""# Image classifier exported by tl-embed {__version__}
 
 `{FORMATS[fmt]}` ({fmt}): {head.head} head on {head.spec.describe()}, {n} classes.
 
+- **Precision**: {_precision_note(head, trained_on)}.
 - **Input** `{INPUT_NAME}`: RGB images, uint8 in 0-255, shape (N, {s}, {s}, 3). Resize the whole image to
   {s}x{s} (bilinear, no crop, after applying its EXIF rotation); the backbone's preprocessing is inside the model.
 - **Output** `{OUTPUT_NAME}`: float32 (N, {n}) class probabilities; column i is line i of `labels.txt`.

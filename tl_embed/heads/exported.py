@@ -23,6 +23,8 @@ from ..tf_quiet import import_tensorflow
 
 FORMATS = {"keras": "model.keras", "savedmodel": "saved_model", "tflite": "model.tflite",
            "onnx": "model.onnx", "openvino": "model.xml"}  # format -> its model file (or folder) in DIR
+FORMAT_PRECISIONS = {fmt: ("fp32", "int8") if fmt == "openvino" else ("fp32",) for fmt in FORMATS}  # what each can hold
+PRECISIONS = ("auto", "fp32", "int8")  # export-model --precision: auto is the head's own
 MANIFEST = EXPORT_MANIFEST
 EXPORT_FORMAT = "tl_embed.export/1"
 EXTRA_HINT = "pip install 'tl_embed[export]'"
@@ -40,6 +42,7 @@ class ExportedModel:
     classes: list[str]
     input_size: int
     run: Callable[[np.ndarray], np.ndarray]
+    precision: str = "fp32"  # what the model computes in: fp32, or int8 (openvino only)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         if not len(images):
@@ -53,16 +56,18 @@ def load_export(path: str | os.PathLike) -> ExportedModel:
     try:
         meta = json.loads((folder / MANIFEST).read_text())
         fmt, classes, size = meta["model_format"], [str(c) for c in meta["classes"]], int(meta["input"]["shape"][1])
-        fmt_ok = meta["format"] == EXPORT_FORMAT and fmt in FORMATS
+        precision = str(meta.get("precision", "fp32"))  # exports before int8 ones were all fp32
+        fmt_ok = meta["format"] == EXPORT_FORMAT and fmt in FORMATS and precision in FORMAT_PRECISIONS[fmt]
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise TlEmbedError(f"{folder} is not a readable tl-embed export ({MANIFEST}: {first_line(e)})") from None
     if not fmt_ok:
-        raise TlEmbedError(f"{folder} is a {meta.get('format')} export of {fmt!r}; this tl_embed reads "
+        raise TlEmbedError(f"{folder} is a {meta.get('format')} export of {fmt!r} ({precision}); this tl_embed reads "
                            f"{EXPORT_FORMAT}: upgrade tl_embed")
     model = folder / FORMATS[fmt]
     if not model.exists():
         raise TlEmbedError(f"{folder} has no {FORMATS[fmt]}: export the model again")
-    return ExportedModel(fmt, classes, size, _LOADERS[fmt](model))
+    run = _load_openvino(model, precision) if fmt == "openvino" else _LOADERS[fmt](model)
+    return ExportedModel(fmt, classes, size, run, precision)
 
 
 def require_modules(*modules: str, what: str) -> None:
@@ -132,15 +137,17 @@ def _load_onnx(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: session.run(None, {name: x})[0]
 
 
-def _load_openvino(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def _load_openvino(path: Path, precision: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Compiled with the hint ``predict`` gives a backbone of ``precision`` (f32 for fp32 and int8: int8 layers
+    run int8 whatever the hint, the rest must not drift to bf16 on a CPU that has it)."""
     import openvino as ov
 
+    from ..embedding.precision import compile_hint
     from ..embedding.runtime import openvino_precision
 
-    model = ov.Core().compile_model(path, "CPU", openvino_precision("f32"))
+    model = ov.Core().compile_model(path, "CPU", openvino_precision(compile_hint(precision)))
     return lambda x: model(x)[0]
 
 
-_LOADERS: dict[str, Callable[[Path], Callable[[np.ndarray], np.ndarray]]] = {
-    "keras": _load_keras, "savedmodel": _load_savedmodel, "tflite": _load_tflite,
-    "onnx": _load_onnx, "openvino": _load_openvino}
+_LOADERS: dict[str, Callable[[Path], Callable[[np.ndarray], np.ndarray]]] = {  # openvino: by precision, above
+    "keras": _load_keras, "savedmodel": _load_savedmodel, "tflite": _load_tflite, "onnx": _load_onnx}
