@@ -27,7 +27,7 @@ from ..heads.head import DEFAULT_HEAD
 
 MIN_PER_CLASS = 3  # each held-out image's head must still see 2 of its class (fit_head's minimum)
 FIT_MAX_ROWS = 50_000  # rows each fold's head is fitted on, at most (benchmarks/audit_scale.py)
-PREDICT_BATCH = 32_768  # held-out rows read and predicted at once
+PREDICT_BATCH = 8192  # held-out rows read and predicted at once (a head's steps make float64 copies)
 
 Rows = Callable[[np.ndarray], np.ndarray]  # positions -> their float32 vectors, in that order
 

@@ -35,6 +35,7 @@ TINY_CLASS = 5  # fewer images than this make a class's scores (and its CV folds
 OUTLIER_Z = 3.5  # Iglewicz & Hoaglin's cut-off for the modified z-score
 SHOWN_NEIGHBOURS = 5  # neighbours kept as evidence with each finding
 MIN_FOR_SPREAD = 5  # a class needs this many images to measure its own spread; else the store's is used
+READ_ROWS = 2048  # rows read from the store between letting go of its pages (the label pass's reads)
 
 
 def audit_store(store_path: str | os.PathLike, k: int = 20, threshold: float = 0.95, head: str = DEFAULT_HEAD,
@@ -122,8 +123,10 @@ def _label_pass(store: EmbeddingStore, labels: np.ndarray, head: str, cv: int, s
     used = np.flatnonzero(np.array([lab in keep for lab in labels], dtype=bool))
 
     def read(rows: np.ndarray) -> np.ndarray:
-        vectors = store.take(used[rows])
-        store.release_pages()  # the process holds what it reads, not the store's size
+        vectors = np.empty((len(rows), store.dim), np.float32)
+        for start in range(0, len(rows), READ_ROWS):  # scattered rows map in ~64 KB around each: a few at a time
+            vectors[start:start + READ_ROWS] = store.take(used[rows[start:start + READ_ROWS]])
+            store.release_pages()  # the process holds what it reads, not the store's size
         return vectors
 
     proba, classes = out_of_fold_proba(read, labels[used].astype(str), head=head, cv=cv, seed=seed,

@@ -102,7 +102,12 @@ def _approximate(store: EmbeddingStore, k: int, progress: bool) -> tuple[np.ndar
             candidates[start:start + len(q)] = found
             bar.update(len(q))
     del index, reduced, probes
-    return _top_k_without_self(np.arange(n), _exact_scores(store, candidates, progress), candidates, k)
+    sims = _exact_scores(store, candidates, progress)
+    top_s, top_i = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+    for lo in range(0, n, SEARCH_BATCH):  # in blocks: the sort's temporaries stay small
+        rows = np.arange(lo, min(n, lo + SEARCH_BATCH))
+        top_s[rows], top_i[rows] = _top_k_without_self(rows, sims[rows], candidates[rows], k)
+    return top_s, top_i
 
 
 def _exact_scores(store: EmbeddingStore, candidates: np.ndarray, progress: bool) -> np.ndarray:
@@ -120,9 +125,11 @@ def _exact_scores(store: EmbeddingStore, candidates: np.ndarray, progress: bool)
     with progress_bar(n * passes, "neighbours: exact scores", progress) as bar:
         for lo in range(0, n, block):
             hi = min(n, lo + block)
-            held = store.take(np.arange(lo, hi))
-            store.release_pages()
-            held /= np.maximum(np.sqrt(np.einsum("ij,ij->i", held, held)), 1e-12)[:, None]  # in place: no copies
+            held = np.empty((hi - lo, store.dim), np.float32)
+            for sub in range(lo, hi, SEARCH_BATCH):  # filled a slice at a time: no second block-sized copy
+                held[sub - lo:sub - lo + SEARCH_BATCH] = prepare_vectors(
+                    store.take(np.arange(sub, min(hi, sub + SEARCH_BATCH))), "cosine")
+                store.release_pages()
             flat = candidates[lo:hi].ravel()
             ok = np.flatnonzero((flat >= 0) & (flat != np.repeat(np.arange(lo, hi), w)))
             ok = ok[np.argsort(flat[ok], kind="stable")]  # by the candidate's position: chunk by chunk
