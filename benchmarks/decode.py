@@ -47,7 +47,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -63,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import describe_cpu  # noqa: E402
+from tta import keras_home  # noqa: E402
 
 from tl_embed.embedding.decode import decode_in_order  # noqa: E402
 from tl_embed.embedding.images import (  # noqa: E402
@@ -338,15 +338,6 @@ class Closeness:
         mean = float((self.hist * np.arange(256)).sum() / total)
         p99 = int(np.searchsorted(np.cumsum(self.hist), math.ceil(0.99 * total)))
         return int(nz[-1]), mean, p99
-
-
-def keras_home() -> None:
-    """The genuine weights through a temporary KERAS_HOME (../shared is never written)."""
-    home = Path(tempfile.mkdtemp(prefix="tl-embed-keras-"))
-    (home / "models").mkdir()
-    for f in (SHARED / "weights").iterdir():
-        (home / "models" / f.name).symlink_to(f.resolve())
-    os.environ["KERAS_HOME"] = str(home)
 
 
 def embedder() -> Callable[[np.ndarray], np.ndarray]:
