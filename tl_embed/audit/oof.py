@@ -8,8 +8,9 @@ costs about one ``train``.
 
 Rows are read by position, so a store of any size is never held in memory at once: each fold's head
 is fitted on at most :data:`FIT_MAX_ROWS` of the rows it may see (a class-stratified sample), and the
-held-out rows are predicted in batches.  At that many rows a linear head has long stopped improving,
-and the cost of an audit stops growing with the store but for the predictions.
+held-out rows are predicted in batches, so the fits cost the same at any store size.  At a million
+rows of 100 classes, heads fitted this way still found planted wrong labels at precision 1.000 and
+recall 0.956 (``benchmarks/audit_scale.py``).
 """
 
 from __future__ import annotations
