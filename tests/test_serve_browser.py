@@ -1,7 +1,8 @@
 """The search page in a real browser: Debian's chromium driven by Playwright against the real server.
 
 Upload an image, see its neighbours and the head's label, click a neighbour (by keyboard) and see its
-neighbours; dropped and pasted images; the page at phone width.  A screenshot is saved in the test's tmp folder.
+neighbours; dropped and pasted images; the page at phone width; the Audit tab of ``serve --audit``.
+Screenshots are saved in the tests' tmp folders.
 """
 
 from __future__ import annotations
@@ -15,18 +16,15 @@ import pytest
 import uvicorn
 from conftest import COLORS, make_image
 from playwright.sync_api import expect, sync_playwright
-from serve_data import build
+from serve_data import COPY, ODD, build, build_audited
 
 from tl_embed.serve.app import create_app, load_service
 
 CHROMIUM = "/usr/bin/chromium"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model):
-    """The real uvicorn server on a free loopback port, in a thread."""
-    served = build(tmp_path_factory.mktemp("browser"), tiny_model)
-    app = create_app(load_service(served.index, [str(served.head)]))
+def serving(app):
+    """The real uvicorn server of ``app`` on a free loopback port, in a thread; yields its URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
@@ -41,6 +39,18 @@ def server(tmp_path_factory, tiny_model):
     server.should_exit = True
     thread.join(10)
     sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    served = build(tmp_path_factory.mktemp("browser"), tiny_model)
+    yield from serving(create_app(load_service(served.index, [str(served.head)])))
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory, tiny_model):
+    served = build_audited(tmp_path_factory.mktemp("audited"), tiny_model)
+    yield from serving(create_app(load_service(served.index, [str(served.head)], audit=served.audit)))
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +157,56 @@ def test_dropped_and_pasted_images_are_searched(server, browser, tmp_path, how, 
     page.evaluate(DELIVER, [how, base64.b64encode(image.read_bytes()).decode()])
     expect(page.locator("#query-caption")).to_have_text("given.jpg")
     expect(page.locator("#results .label")).to_have_text([colour] * 3)
+
+
+def test_audit_tab_shows_the_suspects_and_a_click_searches_one(audited, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1000, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("response", lambda r: errors.append(f"{r.url}: {r.status}") if r.status >= 400 else None)
+    page.goto(audited)
+    expect(page.locator("#tab-audit")).to_contain_text("Audit (")
+    expect(page.locator("#audit-view")).to_be_hidden()
+    page.click("#tab-audit")
+    expect(page.locator("#search-view")).to_be_hidden()
+    expect(page.locator("#audit-sections button").first).to_have_attribute("aria-pressed", "true")
+    first = page.locator("#audit-findings > li").first
+    expect(first.locator(".thumb.suspect")).to_have_attribute("title", ODD)
+    expect(first.locator(".facts")).to_contain_text("green → red")
+    expect(page.locator("#audit-info")).to_contain_text("35 images, 3 classes")
+    page.wait_for_function("[...document.querySelectorAll('#audit-findings > li:first-child img')]"
+                           ".every((i) => i.complete && i.naturalWidth > 0)")  # the rest load lazily
+    page.screenshot(path=str(tmp_path / "audit.png"), full_page=True)
+
+    page.locator("#audit-sections button", has_text="across splits").click()
+    expect(page.locator("#audit-what")).to_contain_text("evaluation image")
+    copy = page.locator("#audit-findings > li", has=page.locator(f".thumb.suspect[title='{COPY}']"))
+    expect(copy.first.locator(".evidence .thumb")).to_have_attribute("title", "test/blue/blue_000.jpg")
+    expect(page.locator("#audit-status")).to_contain_text("shown")
+
+    neighbour = copy.first.locator(".evidence .thumb")
+    ident = neighbour.get_attribute("data-id")
+    neighbour.focus()
+    page.keyboard.press("Enter")  # a finding's image is a button: it searches its neighbours
+    expect(page.locator("#search-view")).to_be_visible()
+    expect(page.locator("#tab-search")).to_have_attribute("aria-pressed", "true")
+    expect(page.locator("#query-caption")).to_contain_text("test/blue/blue_000.jpg")
+    expect(page.locator(f"#results button[data-id='{ident}']")).to_have_count(0)
+    expect(page.locator("#results button").first).to_be_visible()
+    assert errors == []
+
+
+def test_audit_tab_at_phone_width_and_its_more_button(audited, browser):
+    page = browser.new_page(viewport={"width": 360, "height": 740})
+    page.goto(audited)
+    page.click("#tab-audit")
+    page.locator("#audit-sections button", has_text="across splits").click()
+    findings = page.locator("#audit-findings > li")
+    expect(findings).to_have_count(50)  # a page at a time
+    total = int(page.locator("#audit-sections button", has_text="across splits").inner_text().split("(")[1][:-1])
+    assert 50 < total <= 100
+    page.click("#audit-more")
+    expect(findings).to_have_count(total)
+    expect(page.locator("#audit-more")).to_be_hidden()
+    expect(page.locator("#audit-status")).to_have_text(f"{total} of {total} shown")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360

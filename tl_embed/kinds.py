@@ -73,6 +73,8 @@ def _hint(path: Path, found: str, want: str) -> str:
         return f"train one with `tl-embed train {path} --out {_sibling(path, HEAD)}`"
     if want == STORE:
         return "embed a folder of images into one with `tl-embed embed IMAGES --out NAME.tle`"
+    if want == REPORT:
+        return f"write an audit report with `tl-embed audit {path if found == STORE else 'STORE'} --format json`"
     if want == INDEX:
         return "build one from a store with `tl-embed index STORE --out NAME.tli`"
     return "train one from a store with `tl-embed train STORE --out NAME.tlh`"

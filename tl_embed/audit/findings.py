@@ -90,6 +90,23 @@ class Audit:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Audit:
+        """The audit :meth:`to_dict` wrote (the JSON report), read back: what ``serve --audit`` shows.
+
+        Raises KeyError or TypeError for anything else, which the reader turns into one line.
+        """
+        def near(f: dict[str, Any]) -> dict[str, Any]:
+            return {**f, "neighbours": tuple(Neighbour(**n) for n in f.get("neighbours", ()))}
+
+        shape = dict(d["shape"])
+        shape["confused"] = [tuple(c) for c in shape.get("confused", [])]
+        return cls(d["store"], d["root"], d["backbone"], DatasetShape(**shape),
+                   [LabelIssue(**near(f)) for f in d["label_issues"]],
+                   [Duplicate(**f) for f in d["duplicates"]],
+                   [Outlier(**near(f)) for f in d["outliers"]],
+                   list(d.get("notes", [])), dict(d.get("settings", {})))
+
     def flagged_paths(self) -> list[str]:
         """Every image a finding names as the likely problem, once, in finding order."""
         seen: dict[str, None] = {}

@@ -50,6 +50,26 @@ def write_json(audit: Audit, out: Path) -> Path:
     return out
 
 
+def read_json(path: str | os.PathLike) -> Audit:
+    """The audit a JSON report holds (``tl-embed audit STORE --format json``), or one line saying why not."""
+    hint = "write one with `tl-embed audit STORE --format json --out AUDIT.json`"
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise TlEmbedError(f"audit report {path} does not exist: {hint}") from None
+    except IsADirectoryError:
+        raise TlEmbedError(f"audit report {path} is a folder, not a JSON report: {hint}") from None
+    except OSError as e:
+        raise TlEmbedError(f"cannot read audit report {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise TlEmbedError(f"{path} is not an audit's JSON report (an HTML or CSV report cannot be read back): "
+                           f"{hint}") from None
+    try:
+        return Audit.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise TlEmbedError(f"{path} is JSON but not an audit report of this version: {hint}") from None
+
+
 def write_csv(audit: Audit, out: Path) -> Path:
     """One row per finding, grouped by kind (label issues, duplicates, outliers), most suspicious first.
 

@@ -8,7 +8,7 @@ import socket
 import sys
 
 from ..errors import TlEmbedError
-from ..kinds import HEAD, INDEX
+from ..kinds import HEAD, INDEX, REPORT
 from ..wording import count
 from .options import add_command, add_runtime_option, add_trust_pickle_option, fraction, positive_int
 
@@ -17,10 +17,14 @@ def register_serve(sub) -> None:
     p = add_command(sub, "serve", "serve search and predictions over HTTP, with a web page",
              "Load the index, its store (read-only) and the heads once, then answer POST /search, "
              "POST /predict, GET /images/ID, /info and /healthz, with a search page at / and the API "
-             "described at /docs. Needs the 'serve' extra: pip install 'tl_embed[serve]'.")
+             "described at /docs; with --audit, also the audit's findings at /audit and on the page. "
+             "Needs the 'serve' extra: pip install 'tl_embed[serve]'.")
     p.add_argument("index", help="index folder from `tl-embed index`")
     p.add_argument("--head", action="append", default=[], metavar="MODEL",
                    help="a head from `tl-embed train` for /predict (repeat for several)")
+    p.add_argument("--audit", default=None, metavar="AUDIT.json",
+                   help="the JSON report of `tl-embed audit STORE --format json` on the index's store: its "
+                        "findings are browsable on the page's Audit tab and at GET /audit")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but loopback exposes the images to the network")
     p.add_argument("--port", type=int, default=8000)
@@ -36,7 +40,7 @@ def register_serve(sub) -> None:
                    help="how long the first image of a batch waits for others")
     add_runtime_option(p)
     add_trust_pickle_option(p)
-    p.set_defaults(func=cmd_serve, reads={"index": (INDEX,), "head": (HEAD,)})
+    p.set_defaults(func=cmd_serve, reads={"index": (INDEX,), "head": (HEAD,), "audit": (REPORT,)})
 
 
 def cmd_serve(args) -> None:
@@ -60,11 +64,13 @@ def cmd_serve(args) -> None:
         print(f"tl-embed: warning: listening on {args.host}: anyone who can reach this machine can search and "
               f"read the store's images{'' if token else ' (no --token set)'}", file=sys.stderr)
     service = load_service(args.index, args.head, args.runtime, args.min_confidence, args.max_batch,
-                           args.batch_wait_ms / 1000, args.trust_pickle)
+                           args.batch_wait_ms / 1000, args.trust_pickle, args.audit)
     app = create_app(service, token, args.max_upload_mb * 1_000_000)
     host, port = sock.getsockname()[:2]
+    audited = "" if service.audit is None else ", an audit"
     print(f"tl-embed: serving {service.catalog.index.path} ({count(len(service.catalog), 'image')}, "
-          f"{count(len(service.heads), 'head')}) at http://{_url_host(host)}:{port}/", file=sys.stderr, flush=True)
+          f"{count(len(service.heads), 'head')}{audited}) at http://{_url_host(host)}:{port}/",
+          file=sys.stderr, flush=True)
     fold_request_warnings()
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, http=BoundedHeadProtocol)
     # this process only serves: its parallelism is the requests', its cores the runtime's streams;

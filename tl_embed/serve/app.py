@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from .. import __version__
 from ..cpus import cpu_count
-from . import routes_images, routes_page, routes_predict, routes_search, routes_status
+from . import routes_audit, routes_images, routes_page, routes_predict, routes_search, routes_status
 from .errors import add_error_handlers
 from .guard import Guard
 from .service import Service, load_service
@@ -45,6 +45,7 @@ def create_app(service: Service, token: str | None = None, max_upload: int = 20_
     app.include_router(routes_search.router(dim, metric))  # this order is the API description's
     app.include_router(routes_predict.router(dim, metric))
     app.include_router(routes_images.router)
+    app.include_router(routes_audit.router)
     app.include_router(routes_status.router)
     app.include_router(routes_page.router)
     app.mount("/static", routes_page.static_files(), name="static")

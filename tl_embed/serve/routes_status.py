@@ -19,7 +19,7 @@ def healthz() -> dict:
 
 @router.get("/info", summary="what is loaded", response_model=None, responses={200: {"model": InfoReply}})
 def info(service: ServiceDep) -> dict:
-    """Backbone, counts, index type and its measured recall, heads, batching statistics."""
+    """Backbone, counts, index type and its measured recall, heads, batching statistics, the audit loaded."""
     catalog = service.catalog
     idx = catalog.index
     b, sb = service.batcher, service.searcher
@@ -34,6 +34,8 @@ def info(service: ServiceDep) -> dict:
         "store": {"path": str(catalog.store_path), "images": len(catalog), "labels": catalog.label_counts},
         "heads": [{"name": n, "head": h.head, "classes": h.classes} for n, h in service.heads],
         "min_confidence": service.min_confidence,
+        "audit": None if service.audit is None else
+        {"path": str(service.audit.path), "findings": {k: len(v) for k, v in service.audit.sections.items()}},
         "batching": {"max_batch": service.max_batch, "max_wait_ms": 1000 * service.max_wait,
                      "batches": b.batches if b else 0, "images": b.images if b else 0,
                      "search_batches": sb.batches if sb else 0, "searches": sb.images if sb else 0},

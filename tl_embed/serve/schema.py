@@ -62,6 +62,7 @@ class InfoReply(_Reply):
     heads: list[dict[str, Any]]
     min_confidence: float
     batching: dict[str, Any]
+    audit: dict[str, Any] | None
 
 
 def search_reply_model(score_name: str) -> type[BaseModel]:
@@ -74,6 +75,55 @@ def search_reply_model(score_name: str) -> type[BaseModel]:
 def score_name(metric: str) -> str:
     """A neighbour's score is a similarity for cosine, a distance otherwise."""
     return "similarity" if metric == "cosine" else "distance"
+
+
+class AuditImage(_Reply):
+    id: int | None  # None: the image is not in the served index
+    path: str  # relative to the store's image root
+    label: str | None
+    thumbnail: str | None
+
+
+class AuditEvidence(AuditImage):
+    split: str | None
+    similarity: float  # cosine to the finding's image
+
+
+class AuditFinding(AuditImage):
+    rank: int
+    split: str | None
+    score: float  # label issues: suspicion; duplicates: similarity; outliers: robust z-score
+    suggested: str | None  # label issues: the likely label; outliers: the label most neighbours carry
+    confidence: float | None  # label issues: out-of-fold probability of the suggested label
+    distance: float | None  # outliers: mean cosine distance to the neighbours
+    evidence: list[AuditEvidence]  # the images to compare it with: neighbours, or the duplicate
+
+
+class AuditPage(_Reply):
+    section: str
+    title: str
+    total: int
+    offset: int
+    findings: list[AuditFinding]
+
+
+class AuditSection(_Reply):
+    key: str
+    title: str
+    what: str
+    count: int
+
+
+class AuditSummary(_Reply):
+    path: str
+    store: str
+    root: str
+    backbone: str
+    settings: dict[str, Any]
+    notes: list[str]
+    shape: dict[str, Any]
+    not_served: int  # flagged images the served index does not hold
+    sections: list[AuditSection]
 
 
 class ErrorReply(BaseModel):

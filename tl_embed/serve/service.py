@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 from ..embedding.backbones import check_compatible
 from ..embedding.runtime import Runtime
 from ..heads.head import Head
+from .audit import AuditView
 from .batching import Batcher
 from .catalog import Catalog
 from .errors import ApiError
@@ -35,6 +36,7 @@ class Service:
     batcher: Batcher | None = None  # images -> embeddings
     searcher: Batcher | None = None  # query vectors -> neighbours, one index call per batch
     decoders: CapacityLimiter | None = None
+    audit: AuditView | None = None  # findings of `tl-embed audit` on the index's images (serve --audit)
 
     def start(self) -> None:
         self.batcher = Batcher(self.runtime, self.max_batch, self.max_wait)
@@ -48,8 +50,9 @@ class Service:
 
 def load_service(index: str | os.PathLike, heads: list[str] = (), runtime: str = "auto",
                  min_confidence: float = 0.0, max_batch: int = 8, max_wait: float = 0.002,
-                 trust_pickle: bool = False) -> Service:
-    """Open the index, its store (read-only) and the heads; refuse heads made with another backbone."""
+                 trust_pickle: bool = False, audit: str | os.PathLike | None = None) -> Service:
+    """Open the index, its store (read-only), the heads and an audit's JSON report; refuse heads made with
+    another backbone and an audit of other images."""
     from ..embedding.query import runtime_for
 
     catalog = Catalog(index)
@@ -58,7 +61,9 @@ def load_service(index: str | os.PathLike, heads: list[str] = (), runtime: str =
         head = Head.load(path, trust_pickle)
         check_compatible(head.spec, catalog.index.spec, f"head {path}")
         loaded.append((Path(path).stem, head))
-    return Service(catalog, runtime_for(catalog.index.spec, runtime), loaded, min_confidence, max_batch, max_wait)
+    view = None if audit is None else AuditView(audit, catalog)
+    return Service(catalog, runtime_for(catalog.index.spec, runtime), loaded, min_confidence, max_batch, max_wait,
+                   audit=view)
 
 
 async def get_service(request: Request) -> Service:

@@ -36,6 +36,7 @@ async function start() {
       option.value = option.textContent = label;
       $("label").append(option);
     }
+    document.dispatchEvent(new CustomEvent("info", { detail: info }));  // audit.js shows its tab
   } catch (e) {
     $("info").textContent = `cannot reach the service: ${e.message}`;
   }
