@@ -21,7 +21,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from tl_embed.audit import report
 from tl_embed.audit.findings import Audit, DatasetShape, Duplicate, LabelIssue, Neighbour, Outlier
-from tl_embed.audit.report import thumbnail, write_csv, write_html, write_json, write_report
+from tl_embed.audit.report import read_json, thumbnail, write_csv, write_html, write_json, write_report
 from tl_embed.errors import TlEmbedError
 
 CHROMIUM = "/usr/bin/chromium"
@@ -120,6 +120,7 @@ def test_json_round_trips(audit, tmp_path):
     assert data == json.loads(json.dumps(audit.to_dict()))
     assert (len(data["label_issues"]), len(data["duplicates"]), len(data["outliers"])) == (3, 2, 1)
     assert data["label_issues"][1]["path"] == HOSTILE
+    assert read_json(tmp_path / "audit.json") == audit  # what serve --audit reads back: the same findings
 
 
 def test_csv_has_a_row_per_finding_with_its_path(audit, tmp_path):

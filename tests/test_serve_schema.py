@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from serve_data import build
+from serve_data import build_audited
 from test_serve_cli import free_port, start, stop, wait_ready
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
@@ -24,13 +24,13 @@ CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_model):
-    return build(tmp_path_factory.mktemp("schema"), tiny_model)
+    return build_audited(tmp_path_factory.mktemp("schema"), tiny_model)  # with an audit: its routes too
 
 
 @pytest.mark.parametrize("token", [None, "t0k"])
 def test_every_answer_matches_the_api_description(served, token):
     port = free_port()
-    proc = start(str(served.index), "--head", str(served.head), "--port", str(port),
+    proc = start(str(served.index), "--head", str(served.head), "--audit", str(served.audit), "--port", str(port),
                  **({"TL_EMBED_TOKEN": token} if token else {}))
     try:
         wait_ready(proc, f"http://127.0.0.1:{port}", token)

@@ -10,6 +10,7 @@ _PUBLIC = {
     "audit_store": "tl_embed.audit.run",
     "Audit": "tl_embed.audit.findings",
     "write_report": "tl_embed.audit.report",
+    "read_json": "tl_embed.audit.report",
 }
 __all__ = list(_PUBLIC)
 __getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)

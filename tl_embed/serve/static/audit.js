@@ -82,6 +82,7 @@ function finding(f) {
     strip.append(thumb(e, `${e.label ?? "unlabelled"}${where} · ${e.similarity.toFixed(3)}`));
   }
   const evidence = document.createElement("div");
+  evidence.className = "compare";
   const heading = f.evidence.length === 1 && auditSection !== "label-issues" && auditSection !== "outliers" ?
     "its near-copy (label · split · similarity)" : "nearest neighbours (label · similarity)";
   evidence.append(para(["muted", heading]), strip);
