@@ -249,7 +249,8 @@ def test_manifest_paths_outside_the_root_and_vanished_files_are_404(served, tmp_
 
 def test_token_guards_every_route(service, tmp_path):
     with TestClient(create_app(service, token="s3cret"), follow_redirects=False) as c:
-        for path in ("/", "/healthz", "/info", "/docs", "/openapi.json", "/static/app.js", "/images/1"):
+        for path in ("/", "/healthz", "/info", "/docs", "/openapi.json", "/static/app.js", "/static/audit.js",
+                     "/images/1", "/audit", "/audit/outliers"):
             r = c.get(path)
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", path
             assert c.get(path, headers={"authorization": "Bearer wrong"}).status_code == 401

@@ -20,7 +20,8 @@ def register_audit(sub) -> None:
              "(confident learning), near-copies of test/val images in training and near-copies with "
              "different labels (cosine >= --threshold), images far from everything in their class, and "
              "the classes' counts and confusions. Nothing is changed: act on it with `tl-embed train "
-             "STORE --exclude AUDIT.csv` or --relabel. Unlabelled stores get the duplicate and outlier checks.")
+             "STORE --exclude AUDIT.csv` or --relabel; click through it with `tl-embed serve INDEX --audit "
+             "AUDIT.json`. Unlabelled stores get the duplicate and outlier checks.")
     p.add_argument("store")
     p.add_argument("--out", "-o", default=None,
                    help="report to write; default: STORE's name with .audit.html beside it (html), or "
