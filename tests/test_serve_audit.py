@@ -94,7 +94,10 @@ def test_an_audit_of_other_images_or_no_audit_is_refused_in_one_line(served, tmp
     html.write_text("<!doctype html><html></html>")
     not_audit = tmp_path / "x.json"
     not_audit.write_text('{"neighbours": []}')
+    nan = tmp_path / "nan.json"
+    nan.write_text(served.audit.read_text().replace('"score": ', '"score": NaN, "x": ', 1))
     for path, words in ((html, "not an audit's JSON report"), (not_audit, "not an audit report"),
+                        (nan, "not an audit's JSON report"),
                         (tmp_path / "missing.json", "does not exist")):
         with pytest.raises(TlEmbedError, match=words):
             load_service(served.index, audit=path)

@@ -53,15 +53,18 @@ def write_json(audit: Audit, out: Path) -> Path:
 def read_json(path: str | os.PathLike) -> Audit:
     """The audit a JSON report holds (``tl-embed audit STORE --format json``), or one line saying why not."""
     hint = "write one with `tl-embed audit STORE --format json --out AUDIT.json`"
+    def finite_only(name: str) -> float:  # NaN or Infinity: no audit writes one, and JSON replies cannot carry it
+        raise ValueError(name)
+
     try:
-        data = json.loads(Path(path).read_bytes())
+        data = json.loads(Path(path).read_bytes(), parse_constant=finite_only)
     except FileNotFoundError:
         raise TlEmbedError(f"audit report {path} does not exist: {hint}") from None
     except IsADirectoryError:
         raise TlEmbedError(f"audit report {path} is a folder, not a JSON report: {hint}") from None
     except OSError as e:
         raise TlEmbedError(f"cannot read audit report {path}: {e.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except ValueError:  # not UTF-8, not JSON, or NaN in it
         raise TlEmbedError(f"{path} is not an audit's JSON report (an HTML or CSV report cannot be read back): "
                            f"{hint}") from None
     try:
