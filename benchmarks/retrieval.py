@@ -2,10 +2,11 @@
 average pooling and cosine, on real photo sets; and what each descriptor does to the default head.
 
     python benchmarks/retrieval.py [--work /tmp/tl-embed-retrieval-bench] [--sets nyala_reid paris ...]
-                                   [--poolings avg gem rmac] [--few-rows]
+                                   [--poolings avg gem rmac rmac@1,1.414] [--few-rows]
 
-Every set in ../shared/datasets is embedded once per ``--pooling`` with the genuine ImageNet MobileNetV2
-(through a temporary KERAS_HOME) into ``--work`` (a rerun reuses the stores).  Retrieval sets:
+Every set in ../shared/datasets is embedded once per descriptor with the genuine ImageNet MobileNetV2
+(through a temporary KERAS_HOME) into ``--work`` (a rerun reuses the stores).  A descriptor is a
+``--pooling``, optionally with ``@`` and ``--scales`` (multi-scale: ``rmac@1,1.414``).  Retrieval sets:
 
 * ``nyala_reid``: 58 individual antelopes, 729 photos; every photo a query against all the others,
   relevant = the same individual (re-identification).
@@ -23,7 +24,7 @@ alone, then the combinations of centring onto 256 principal components (``--whit
 found best.  At the end the best row (mean mAP over the sets) and the rows that are at least the
 baseline's mAP and recall@1 on every set at no more than twice its latency (the bar for changing a
 default).  A descriptor costs nothing at query time (it is computed in the same inference); its embed
-rate is printed beside the head table.
+rate is printed beside the head table (a multi-scale descriptor costs one backbone pass per scale).
 
 Heads: ``tl_embed.train`` (the default head) on each classification set's store per descriptor; held-out
 accuracy on the set's own test split, or, for a set without one, the mean and standard deviation over
@@ -65,7 +66,7 @@ COMBOS = [(f"centre 256{f', dba {d}' if d else ''}{f', qe {q}' if q else ''}", {
 OTHER_ROWS = [("plain", {}, 0), ("centre, whiten-dim 256", CENTRE, 0),
               ("centre 256, dba 2", {**CENTRE, "dba": 2}, 0), ("centre 256, dba 2, qe 2", {**CENTRE, "dba": 2}, 2),
               ("centre 256, dba 3, qe 2", {**CENTRE, "dba": 3}, 2)]
-POOLINGS = ("avg", "gem", "rmac")
+POOLINGS = ("avg", "gem", "rmac")  # the default descriptors; any "POOLING@SCALES" is accepted too
 HEAD_SEEDS = (0, 1, 2)
 
 
@@ -79,19 +80,37 @@ def keras_home() -> None:
     os.environ["KERAS_HOME"] = str(home)
 
 
-EMBED_RATES: dict[str, list[float]] = {}  # pooling -> images/s of the embeddings made in this run
+EMBED_RATES: dict[str, list[float]] = {}  # descriptor -> images/s of the embeddings made in this run
 
 
-def store_for(name: str, folder: Path, work: Path, pooling: str) -> Path:
+def descriptor(text: str) -> str:
+    """``POOLING`` or ``POOLING@SCALES``, checked, the scales written as the spec records them."""
+    from tl_embed.embedding.pooling import check_scales
+
+    pooling, _, scales = text.partition("@")
+    if pooling not in POOLINGS:
+        raise argparse.ArgumentTypeError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+    scales = check_scales(scales or "1")
+    return pooling if scales == "1" else f"{pooling}@{scales}"
+
+
+def file_part(desc: str) -> str:
+    """How a descriptor names its stores and indexes: avg keeps the names of earlier runs' files."""
+    return "" if desc == "avg" else "-" + desc.replace("@", "-ms").replace(",", "_")
+
+
+def store_for(name: str, folder: Path, work: Path, desc: str) -> Path:
     """The set's store in ``work``, embedded now unless an earlier run left it complete."""
     from tl_embed import embed_folder
 
-    name = name if pooling == "avg" else f"{name}-{pooling}"  # avg keeps the names of earlier runs' stores
+    pooling, _, scales = desc.partition("@")
+    name = f"{name}{file_part(desc)}"
     out, done = work / f"{name}.tle", work / f"{name}.done"
     if not done.exists():
         shutil.rmtree(out, ignore_errors=True)
-        report = embed_folder(folder, out, model="mobilenet_v2", pooling=pooling, progress=False)
-        EMBED_RATES.setdefault(pooling, []).append(report.embedded / report.embed_seconds)
+        report = embed_folder(folder, out, model="mobilenet_v2", pooling=pooling, scales=scales or "1",
+                              progress=False)
+        EMBED_RATES.setdefault(desc, []).append(report.embedded / report.embed_seconds)
         print(f"embedded {name}: {report.embedded} images in {report.seconds:.0f} s ({report.runtime})", flush=True)
         done.touch()
     return out
@@ -143,7 +162,7 @@ def measure(row: tuple[str, dict, int], data: dict, work: Path, pooling: str) ->
     name, options, qe = row
     out = {"name": name if pooling == "avg" else f"{pooling}: {name}", "sets": {}, "ms": {}}
     for set_name, (db, queries) in data.items():
-        index_path = work / (f"{set_name}.tli" if pooling == "avg" else f"{set_name}-{pooling}.tli")
+        index_path = work / f"{set_name}{file_part(pooling)}.tli"
         index = Index.build(db, index_path, "flat", log=lambda *_: None, **options)
         scores = evaluate_search(index, queries, qe=qe)
         out["sets"][set_name] = (100 * scores.mean_ap, 100 * scores.recall[1], 100 * scores.recall[5])
@@ -163,7 +182,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tl-embed-retrieval-bench")
     ap.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
-    ap.add_argument("--poolings", nargs="+", choices=POOLINGS, default=list(POOLINGS))
+    ap.add_argument("--poolings", nargs="+", type=descriptor, default=list(POOLINGS),
+                    help="descriptors: avg, gem, rmac, each optionally @SCALES (e.g. rmac@1,1.414)")
     ap.add_argument("--few-rows", action="store_true",
                     help="average pooling too gets only the rows every other descriptor gets (plain first)")
     args = ap.parse_args()
@@ -183,8 +203,8 @@ def main() -> None:
     print(f"MobileNetV2 (genuine ImageNet weights); exact (Flat) cosine indexes; per set mAP and "
           f"recall@1 in % (paris also recall@5); ms: median single-query latency on {largest} "
           f"({_count(first[largest][0])} vectors); x: the largest latency ratio to the baseline over the sets")
-    print(f"{'row':<26}{heads}  {'ms':>6} {'x':>5}")
-    print(f"{'':<26}" + "  ".join(f"{'mAP':>5} {'R@1':>5}" + (f" {'R@5':>5}" if s == "paris" else "")
+    print(f"{'row':<38}{heads}  {'ms':>6} {'x':>5}")
+    print(f"{'':<38}" + "  ".join(f"{'mAP':>5} {'R@1':>5}" + (f" {'R@5':>5}" if s == "paris" else "")
                                    for s in args.sets))
     rows = []
     plan = [(pooling, row) for pooling in args.poolings
@@ -197,7 +217,7 @@ def main() -> None:
         r["wins"] = all(r["sets"][s][0] >= base["sets"][s][0] and r["sets"][s][1] >= base["sets"][s][1]
                         for s in args.sets) and r["ratio"] <= 2
         rows.append(r)
-        print(f"{r['name']:<26}{cells(r, args.sets)}  {r['ms'][largest]:6.2f} {r['ratio']:5.2f}", flush=True)
+        print(f"{r['name']:<38}{cells(r, args.sets)}  {r['ms'][largest]:6.2f} {r['ratio']:5.2f}", flush=True)
     best = max(rows, key=lambda r: r["mean_map"])
     print(f"best row by mean mAP over the sets: {best['name']} ({best['mean_map']:.1f} against the baseline's "
           f"{rows[0]['mean_map']:.1f}; latency x{best['ratio']:.2f})")
@@ -215,11 +235,11 @@ def print_heads(data: dict, args) -> None:
         return
     print("\ndefault head, held-out accuracy % (mean ± std over seeds 0-2 where the set has no test split); "
           "embed images/s of the stores made in this run")
-    print(f"{'pooling':<10}" + "".join(f"{s:>16}" for s in sets) + f"{'mean':>8}{'img/s':>8}")
+    print(f"{'descriptor':<16}" + "".join(f"{s:>16}" for s in sets) + f"{'mean':>8}{'img/s':>8}")
     for pooling in args.poolings:
         accs = [head_accuracy(data[pooling][s][0], args.work) for s in sets]
         rate = f"{np.mean(EMBED_RATES[pooling]):.1f}" if pooling in EMBED_RATES else "-"  # stores of an earlier run
-        print(f"{pooling:<10}" + "".join(f"{m:>9.1f} ± {sd:3.1f}" for m, sd in accs)
+        print(f"{pooling:<16}" + "".join(f"{m:>9.1f} ± {sd:3.1f}" for m, sd in accs)
               + f"{np.mean([m for m, _ in accs]):>8.1f}{rate:>8}", flush=True)
 
 

@@ -97,3 +97,59 @@ def test_descriptors_are_never_mixed(image_folder, tiny_model, tmp_path, capsys)
     assert main(["evaluate", str(tmp_path / "avg.tlh"), str(tmp_path / "gem.tle")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "avg pooling" in err[0] and "gem pooling" in err[0]
+
+
+def test_scales_are_checked_and_written_one_way():
+    from tl_embed.embedding.pooling import check_scales, scale_sizes
+
+    assert check_scales("1.414, 1") == "1,1.414" == check_scales("1,1.414,1")
+    assert scale_sizes(224, "1,1.414") == [224, 317]
+    for bad in ("", "0", "1,x", "5", "1,1.2,1.4,1.6,1.8"):
+        with pytest.raises(TlEmbedError, match="--scales takes"):
+            check_scales(bad)
+
+
+def test_one_scale_leaves_the_spec_as_it_was(tiny_model):
+    spec = load_backbone(tiny_model, pooling="gem", layer="features").spec
+    assert spec.scales == "1" and "scales" not in spec.to_dict() and len(spec.model_identity()) == 7
+    with pytest.raises(TlEmbedError, match="built-in backbones"):
+        load_backbone(tiny_model, layer="features", scales="1,1.414")
+
+
+def test_multiscale_store_holds_cirtorchs_combination_computed_by_openvino(image_folder, tmp_path):
+    """Each scale's GeM from Keras's feature map, L2-normalised, then their power mean with p = 3."""
+    import keras
+
+    from tl_embed.embedding.images import load_image
+
+    loaded = load_backbone("mobilenet_v3_small", weights="none", pooling="gem", scales="1.414,1")
+    spec = loaded.spec
+    assert (spec.scales, spec.input_size) == ("1,1.414", 317) and "gem pooling, scales 1,1.414" in spec.describe()
+    report = embed_folder(image_folder, tmp_path / "s.tle", model="mobilenet_v3_small", weights="none", pooling="gem",
+                          scales="1,1.414", loader=lambda *_a, **_k: loaded, progress=False, runtime="openvino")
+    assert report.runtime == "openvino"
+    with EmbeddingStore.open(tmp_path / "s.tle") as s:
+        assert s.spec == spec and s.spec.to_dict()["scales"] == "1,1.414"
+        paths, stored = [image_folder / p for p in s.paths[:4]], np.array(s.embeddings[:4])
+    net = next(layer for layer in loaded.model.layers if isinstance(layer, keras.Model))  # the shared backbone
+    pixels = np.stack([load_image(p, 317).pixels for p in paths]).astype("float32")
+    per_scale = []
+    for x in (keras.ops.convert_to_numpy(keras.ops.image.resize(pixels, (224, 224))), pixels):
+        d = numpy_gem(net.predict(x, verbose=0))
+        per_scale.append(d / (np.linalg.norm(d, axis=1, keepdims=True) + EPS))
+    expected = np.mean([d ** 3 for d in per_scale], axis=0) ** (1 / 3)
+    np.testing.assert_allclose(stored, expected, rtol=2e-3, atol=2e-5)
+
+
+def test_scales_are_never_mixed(image_folder, tmp_path, capsys):
+    args = ["embed", str(image_folder), "--out", str(tmp_path / "ms.tle"), "--model", "mobilenet_v3_small",
+            "--weights", "none", "--scales", "1,1.414", "-q"]
+    assert main(args) == 0
+    assert main(args[:-3] + ["-q"]) == 2  # the same store, one scale
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--scales 1,1.414, not --scales 1" in err[0]
+    with EmbeddingStore.open(tmp_path / "ms.tle") as s:
+        multi = s.spec
+    single = replace(multi, scales="1", input_size=224)
+    with pytest.raises(TlEmbedError, match="--scales 1,1.414, but this uses --scales 1;"):
+        check_compatible(multi, single, "the index")

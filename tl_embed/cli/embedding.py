@@ -89,7 +89,8 @@ def cmd_embed(args) -> int:
                           pooling=args.pooling, layer=args.layer, preprocess=args.preprocess,
                           dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
                           runtime=args.runtime, progress=not args.quiet, prune=args.prune,
-                          engine=args.engine, ray=ray, tta=args.tta, precision=args.precision)
+                          engine=args.engine, ray=ray, tta=args.tta, precision=args.precision,
+                          scales=args.scales)
     print(report.text())
     return 130 if report.interrupted else 0
 

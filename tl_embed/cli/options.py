@@ -37,7 +37,11 @@ def add_backbone_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pooling", default="avg", choices=["avg", "max", "gem", "rmac"],
                    help="how the last feature map becomes one vector: 'avg' or 'max' (MAC) global pooling, 'gem' "
                         "(generalised mean, p=3) or 'rmac' (regional MACs): the retrieval literature's descriptors "
-                        "(docs/commands.md#descriptors-for-search---pooling)")
+                        "(docs/commands.md#descriptors-for-search---pooling---scales)")
+    p.add_argument("--scales", default="1",
+                   help="image scales whose descriptors are combined, e.g. '1,1.414' (multi-scale: the image "
+                        "decoded at the largest, each scale one more backbone pass, about 3x the embedding time "
+                        "for 1,1.414); built-in backbones only")
     p.add_argument("--layer", default=None, help="custom model only: layer to cut the features at")
     p.add_argument("--preprocess", default=None,
                    help="custom model only: use this backbone's preprocess_input (default: none)")

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import TlEmbedError, WeightsUnavailableError
 from ..tf_quiet import import_keras
-from .pooling import pool
+from .pooling import check_scales, multiscale, pool, scale_sizes
 
 POOLINGS = ("avg", "max", "gem", "rmac")  # global descriptors of the last feature map (pooling.py)
 TTAS = ("none", "flip")  # test-time augmentations (tta.py): the views averaged into an embedding
@@ -124,11 +124,13 @@ class BackboneSpec:
     tta: str = "none"  # test-time augmentation: the views averaged into each embedding (see tta.py)
     precision: str = "fp32"  # fp32, bf16 or int8 (see precision.py)
     model_sha256: str = ""  # int8: the quantized model the store carries (carried.py); else empty
+    scales: str = "1"  # image scales whose descriptors are combined, e.g. "1,1.414" (pooling.multiscale)
 
     def model_identity(self) -> tuple:
         """What the fp32 network computes, whatever views it is shown (the converted-model cache's key)."""
+        single = () if self.scales == "1" else (self.scales,)  # single-scale keys stay as they were
         return (self.name, self.weights_sha256, self.input_size, self.preprocessing, self.pooling,
-                self.dim, self.layer)
+                self.dim, self.layer, *single)
 
     def identity(self) -> tuple:
         return (*self.model_identity(), self.tta, self.precision, self.model_sha256)
@@ -139,7 +141,8 @@ class BackboneSpec:
         cut = f", layer {self.layer}" if self.layer else ""
         tta = f", {self.tta} TTA" if self.tta != "none" else ""
         precision = f", {self.precision}" if self.precision != "fp32" else ""
-        return (f"{self.name} ({w}, {self.input_size}px, {self.pooling} pooling{cut}, dim {self.dim}"
+        scales = f", scales {self.scales}" if self.scales != "1" else ""
+        return (f"{self.name} ({w}, {self.input_size}px, {self.pooling} pooling{scales}{cut}, dim {self.dim}"
                 f"{tta}{precision})")
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,11 +165,17 @@ class BackboneSpec:
         return self.extra.get("model_path", self.name), self.weights
 
 
-_OMITTED_DEFAULTS = {"tta": "none", "precision": "fp32", "model_sha256": ""}
+_OMITTED_DEFAULTS = {"tta": "none", "precision": "fp32", "model_sha256": "", "scales": "1"}
 
 
 def check_compatible(expected: BackboneSpec, found: BackboneSpec, what: str) -> None:
     """Refuse to mix embeddings from two different backbones, or from two settings of one."""
+    def network(spec: BackboneSpec) -> tuple:  # what stays when only the scales differ (the input size follows)
+        return spec.name, spec.weights_sha256, spec.preprocessing, spec.pooling, spec.dim, spec.layer
+
+    if network(expected) == network(found) and expected.scales != found.scales:
+        raise TlEmbedError(f"{what} was embedded with --scales {expected.scales}, but this uses --scales "
+                           f"{found.scales}; descriptors of different image scales cannot be mixed")
     if expected.model_identity() == found.model_identity():
         if expected.tta != found.tta:
             raise TlEmbedError(
@@ -243,27 +252,38 @@ class LoadedBackbone:
 
 def load_backbone(model: str, weights: str = "imagenet", pooling: str = "avg",
                   layer: str | None = None, preprocess: str | None = None,
-                  include_top: bool = False) -> LoadedBackbone:
+                  include_top: bool = False, scales: str = "1") -> LoadedBackbone:
     """Build the frozen feature extractor, preprocessing included in the graph.
 
     ``model`` is a registry name or a saved Keras model file; ``weights`` is ``imagenet``, ``none``
     or a path to a weights file.  ``include_top`` builds the full ImageNet classifier instead.
+    ``scales`` other than ``"1"`` combine the descriptors of the image at several scales (see
+    :func:`~tl_embed.embedding.pooling.multiscale`): the model then takes the largest scale's pixels.
     """
     if pooling not in POOLINGS:
         raise TlEmbedError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
     check_model_options(model, layer, preprocess)
+    scales = check_scales(scales)
     if is_custom_model(model):
+        if scales != "1":
+            raise TlEmbedError(f"--scales applies to the built-in backbones; {Path(model).name} takes one input "
+                               "size of its own (drop --scales)")
         return _load_custom(model, layer, pooling, preprocess)
-    return _load_application(get_backbone(model), weights, pooling, include_top)
+    if include_top and scales != "1":
+        raise TlEmbedError("--scales makes a descriptor, not the ImageNet classifier")
+    return _load_application(get_backbone(model), weights, pooling, include_top, scales)
 
 
-def _load_application(bb: Backbone, weights: str, pooling: str, include_top: bool) -> LoadedBackbone:
+def _load_application(bb: Backbone, weights: str, pooling: str, include_top: bool,
+                      scales: str = "1") -> LoadedBackbone:
     keras = import_keras()
     ctor = getattr(keras.applications, bb.keras_name)
     weights_arg, sha = _resolve_weights(weights)
-    shape = (bb.input_size, bb.input_size, 3)
-    kwargs = dict(include_top=include_top, input_shape=shape)
-    if not include_top and pooling in ("avg", "max"):  # Keras's own; the others on the feature map below
+    sizes = scale_sizes(bb.input_size, scales)
+    shape = (sizes[-1], sizes[-1], 3)  # the model takes the largest scale; smaller ones are resized in the graph
+    several = len(sizes) > 1
+    kwargs = dict(include_top=include_top, input_shape=(None, None, 3) if several else shape)
+    if not include_top and pooling in ("avg", "max") and not several:  # Keras's own; else on the feature map
         kwargs["pooling"] = pooling
     with keras_downloads(bb.name) as used:
         try:
@@ -276,15 +296,18 @@ def _load_application(bb: Backbone, weights: str, pooling: str, include_top: boo
         sha = sha256_file(used[-1])
     preprocess = getattr(keras.applications, bb.module).preprocess_input
     inputs = keras.Input(shape=shape, dtype="float32", name="rgb_0_255")
-    outputs = net(preprocess(inputs), training=False)
-    if not include_top and pooling not in ("avg", "max"):
-        outputs = pool(outputs, pooling)
+    if several:
+        outputs = multiscale(inputs, sizes, lambda x: pool(net(preprocess(x), training=False), pooling), pooling)
+    else:
+        outputs = net(preprocess(inputs), training=False)
+        if not include_top and pooling not in ("avg", "max"):
+            outputs = pool(outputs, pooling)
     net.trainable = False
     full = keras.Model(inputs, outputs, name=f"tl_embed_{bb.name}")
     dim = int(full.output_shape[-1])
     label = "random" if weights_arg is None else weights
-    spec = BackboneSpec(bb.name, label, sha, bb.input_size, bb.preprocessing,
-                        "top" if include_top else pooling, dim)
+    spec = BackboneSpec(bb.name, label, sha, sizes[-1], bb.preprocessing,
+                        "top" if include_top else pooling, dim, scales=scales)
     return LoadedBackbone(full, spec)
 
 

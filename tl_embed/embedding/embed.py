@@ -31,6 +31,7 @@ from .backbones import (
 )
 from .decode import decode_in_order
 from .images import ImageDecodeError
+from .pooling import check_scales
 from .precision import check_precision, require_runnable
 from .ray_engine import RayOptions, embed_with_ray
 from .runtime import OpenVINORuntime, Runtime, check_runtime, load_or_convert, make_runtime, read_cached, stream
@@ -97,12 +98,13 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
                  workers: int | None = None, runtime: str = "auto", progress: bool = True,
                  loader: Callable[..., LoadedBackbone] = load_backbone, prune: bool = False,
                  engine: str = "local", ray: RayOptions | None = None, tta: str = "none",
-                 precision: str = "auto") -> EmbedReport:
+                 precision: str = "auto", scales: str = "1") -> EmbedReport:
     """Bring the store at ``out`` up to date with the image folder ``images``.
 
     ``engine="ray"`` embeds on Ray actors (``ray`` says where and how many) with the same results.
     ``tta="flip"`` stores the mean of each image's and its mirror's embeddings (see :mod:`.tta`); a store
-    holds one setting, so updating it with another is refused.  ``precision`` likewise (see :mod:`.precision`):
+    holds one setting, so updating it with another is refused; ``scales`` (multi-scale descriptors, see
+    :mod:`.pooling`) likewise.  ``precision`` likewise (see :mod:`.precision`):
     ``int8`` quantizes the backbone on a sample of the folder and the store carries that model; ``auto`` is
     the store's own precision when updating one.
 
@@ -117,6 +119,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
     if engine not in ENGINES:
         raise TlEmbedError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     check_tta(tta)
+    scales = check_scales(scales)
     asked = None if precision.strip().lower() == "auto" else check_precision(precision)
     check_model_options(model, layer, preprocess)  # bad names and options fail before any scanning
     root = Path(images).expanduser().resolve()
@@ -129,7 +132,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
     try:
         if store is not None:
             report.spec = store.spec
-            _check_same_source(store, root, model, pooling, tta, asked or store.spec.precision)
+            _check_same_source(store, root, model, pooling, tta, asked or store.spec.precision, scales)
             carried.install(store.spec, carried.read_files(out / carried.FOLDER), f"store {out}")
         p = plan(found, store)
         if store is None and not p.todo:
@@ -150,7 +153,8 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
             cached = _cached_runtime(store.spec, model, weights, layer, preprocess, runtime)
         if p.todo and cached is None:
             backbone = backbone_with_tta(
-                loader(model, weights=weights, pooling=pooling, layer=layer, preprocess=preprocess), tta)
+                loader(model, weights=weights, pooling=pooling, layer=layer, preprocess=preprocess, scales=scales),
+                tta)
             if store is None:
                 backbone, ov_model, files = _reduce(backbone, asked or check_precision("auto"), p.todo, runtime,
                                                     report, progress)
@@ -286,8 +290,8 @@ def _reduce(backbone: LoadedBackbone, precision: str, todo: list[ImageFile], run
 
 
 def _check_same_source(store: EmbeddingStore, root: Path, model: str, pooling: str, tta: str,
-                       precision: str) -> None:
-    """Cheap checks before loading any model: same image folder, backbone name, pooling, TTA and precision."""
+                       precision: str, scales: str) -> None:
+    """Cheap checks before loading any model: same image folder, backbone name, pooling, scales, TTA, precision."""
     if store.root and store.root != root:
         raise StoreError(f"store {store.path} holds images from {store.root}, not {root}; "
                          "use a new --out for another folder")
@@ -296,6 +300,9 @@ def _check_same_source(store: EmbeddingStore, root: Path, model: str, pooling: s
                          f"adding --model {model} would mix backbones (use a new --out)")
     if pooling != store.spec.pooling:
         raise StoreError(f"store {store.path} uses {store.spec.pooling} pooling, not {pooling}")
+    if scales != store.spec.scales:
+        raise StoreError(f"store {store.path} was embedded with --scales {store.spec.scales}, not --scales {scales}; "
+                         f"update it with --scales {store.spec.scales}, or use a new --out (settings are never mixed)")
     if tta != store.spec.tta:
         raise StoreError(f"store {store.path} was embedded with --tta {store.spec.tta}, not --tta {tta}; "
                          f"update it with --tta {store.spec.tta}, or use a new --out (settings are never mixed)")

@@ -11,17 +11,27 @@
 Each is built into the Keras graph before conversion, so OpenVINO computes it with the backbone: one
 inference per image whatever the descriptor.  The choice is recorded in the spec's ``pooling``, like
 the backbone, and enforced on every query.
+
+Multi-scale (``scales``, e.g. 1 and √2, from the same paper): the image is decoded once at the largest
+scale, the graph resizes it to each smaller one, runs the backbone on every scale and combines their
+descriptors as cirtorch's ``extract_ms`` does.  Recorded in the spec's ``scales``; it costs one backbone
+pass per scale, each in proportion to its area (1 + 2 = 3x for 1,1.414).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
+
+from ..errors import TlEmbedError
 
 GEM_P = 3.0  # the literature's p for off-the-shelf CNN features (Radenović et al.)
 EPS = 1e-6  # cirtorch's clamp before the power, and its guard in the L2 normalisations
 RMAC_LEVELS = 3
 RMAC_OVERLAP = 0.4
+SCALE_RANGE = (0.25, 4.0)  # of the backbone's native input size
+MAX_SCALES = 4
 
 
 def gem(x: Any, p: float = GEM_P) -> Any:
@@ -84,3 +94,41 @@ def pool(x: Any, pooling: str) -> Any:
     if pooling == "max":
         return keras.layers.GlobalMaxPooling2D()(x)
     return gem(x) if pooling == "gem" else rmac(x)
+
+
+def check_scales(scales: str) -> str:
+    """``"1.414,1"`` -> the canonical text the spec records (``"1,1.414"``: sorted, each once); one line if invalid."""
+    try:
+        values = sorted({float(v) for v in str(scales).split(",")})
+    except ValueError:
+        values = []
+    if not values or len(values) > MAX_SCALES or not all(SCALE_RANGE[0] <= v <= SCALE_RANGE[1] for v in values):
+        raise TlEmbedError(f"--scales takes up to {MAX_SCALES} comma-separated numbers between {SCALE_RANGE[0]:g} "
+                           f"and {SCALE_RANGE[1]:g} (the literature's: 1,1.414), not {scales!r}")
+    return ",".join(f"{v:g}" for v in values)
+
+
+def scale_sizes(input_size: int, scales: str) -> list[int]:
+    """The pixel size of each scale of a backbone whose native input is ``input_size``, smallest first."""
+    return [max(32, round(input_size * float(v))) for v in scales.split(",")]
+
+
+def multiscale(pixels: Any, sizes: list[int], describe: Callable[[Any], Any], pooling: str) -> Any:
+    """(N, S, S, 3) pixels at the largest of ``sizes`` -> one descriptor of the image at every size.
+
+    As cirtorch's ``extract_ms``: each scale's descriptor L2-normalised, then their generalised mean with
+    the pooling's own exponent (GeM's p; 1, a plain mean, for the others).  Smaller scales are resized
+    from the pixels in the graph (bilinear), so one decode serves all of them.
+    """
+    from keras import layers, ops
+
+    p = GEM_P if pooling == "gem" else 1.0
+    total = None
+    for size in sizes:
+        x = pixels if size == sizes[-1] else layers.Resizing(size, size, interpolation="bilinear")(pixels)
+        d = describe(x)
+        d = d / (ops.sqrt(ops.sum(d * d, axis=-1, keepdims=True)) + EPS)
+        d = d if p == 1.0 else ops.power(ops.maximum(d, EPS), p)
+        total = d if total is None else total + d
+    mean = total / len(sizes)
+    return mean if p == 1.0 else ops.power(mean, 1.0 / p)

@@ -74,8 +74,8 @@ def runtime_for(spec: BackboneSpec, runtime: str = "auto") -> Runtime:
         raise TlEmbedError(f"queries of this {spec.precision} store are embedded by the model it carries, which "
                            f"{'runs only on openvino' if name == 'keras' else 'is not installed here'}")
     model, weights = spec.loadable()
-    backbone = backbone_with_tta(load_backbone(model, weights=weights, pooling=spec.pooling, layer=spec.layer),
-                                 spec.tta)
+    backbone = backbone_with_tta(load_backbone(model, weights=weights, pooling=spec.pooling, layer=spec.layer,
+                                               scales=spec.scales), spec.tta)
     backbone = LoadedBackbone(backbone.model, replace(backbone.spec, precision=spec.precision))
     check_compatible(spec, backbone.spec, "the model/index")
     return with_tta(make_runtime(backbone, name), spec.tta)

@@ -16,19 +16,20 @@ class KerasImageEmbedder(TransformerMixin, BaseEstimator):
 
     Parameters mean what the ``tl-embed embed`` options of the same names mean: ``model`` (registry name
     or saved Keras model), ``weights`` ('imagenet', 'none' or a file), ``pooling``, ``tta``,
-    ``batch_size``, ``runtime``.  ``transform`` before ``fit`` raises ``NotFittedError``, as every
+    ``batch_size``, ``runtime``, ``scales``.  ``transform`` before ``fit`` raises ``NotFittedError``, as every
     scikit-learn transformer does.  Unreadable images raise ``ValueError`` naming them (a transformer
     must keep rows aligned).  :attr:`spec_` is what a store made with the same options records.
     """
 
     def __init__(self, model: str = "mobilenet_v2", weights: str = "imagenet", pooling: str = "avg",
-                 tta: str = "none", batch_size: int = 32, runtime: str = "auto"):
+                 tta: str = "none", batch_size: int = 32, runtime: str = "auto", scales: str = "1"):
         self.model = model
         self.weights = weights
         self.pooling = pooling
         self.tta = tta
         self.batch_size = batch_size
         self.runtime = runtime
+        self.scales = scales
 
     def fit(self, X=None, y=None):
         from .backbones import load_backbone
@@ -36,8 +37,8 @@ class KerasImageEmbedder(TransformerMixin, BaseEstimator):
         from .tta import backbone_with_tta, check_tta, with_tta
 
         check_tta(self.tta)
-        backbone = backbone_with_tta(load_backbone(self.model, weights=self.weights, pooling=self.pooling),
-                                     self.tta)
+        backbone = backbone_with_tta(load_backbone(self.model, weights=self.weights, pooling=self.pooling,
+                                                   scales=self.scales), self.tta)
         self.spec_ = backbone.spec
         self.run_ = with_tta(make_runtime(backbone, self.runtime), self.tta)
         self.n_features_out_ = backbone.spec.dim

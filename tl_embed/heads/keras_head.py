@@ -46,7 +46,7 @@ def build_classifier(head: Head) -> Any:
                            "fp32; train it on a --precision fp32 store to export it")
     model, weights = spec.loadable()
     backbone = load_backbone(model, weights=weights, pooling=spec.pooling, layer=spec.layer,
-                             preprocess=_custom_preprocess(spec))
+                             preprocess=_custom_preprocess(spec), scales=spec.scales)
     backbone = backbone_with_tta(backbone, spec.tta)
     check_compatible(spec, backbone.spec, "the model file")
     size = spec.input_size
