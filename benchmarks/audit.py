@@ -21,7 +21,8 @@ Columns: P@m = precision (= recall) of the top m rows of the ranking, m = the pl
 first, then the rest by score); flags = how many the method flags itself, with their precision P and
 recall R; AUROC of the score against the planted rows.  Payoff: test accuracy on the clean held-out
 split of the default head trained on the noisy rows, on them less ``margin+knn``'s (or cleanlab's) flags,
-on them less exactly the planted rows (what a perfect audit would leave), and on clean labels;
+on them with ``margin+knn``'s flags relabelled as audit suggests (``train --relabel``, nothing left out), on
+them less exactly the planted rows (what a perfect audit would leave), and on clean labels;
 ``recovered`` = (less flags - noisy) / (clean - noisy), shown when the noise cost at least a point.
 
     python benchmarks/audit.py [--work DIR] [--seeds 0] [--sets ...] [--rates .05 .1 .2] [--kinds ...]
@@ -51,6 +52,7 @@ OURS = {"paper": "prune_by_noise_rate", "paper+knn": "prune_by_noise_rate", "mar
         "margin+knn": "margin"}
 DEFAULT = "margin+knn"  # what tl-embed audit runs
 ORACLE = "the planted rows"  # the payoff's upper bound: exactly the noisy rows left out
+RELABEL = "relabelled"  # margin+knn's flags given the label audit suggests (train --relabel), none left out
 # run by CLEANLAB_PYTHON: for each job_<i>_labels.npy / job_<i>_proba.npy in the folder, cleanlab's
 # ranked issues and its self-confidence quality scores
 CLEANLAB_SCRIPT = """
@@ -160,6 +162,15 @@ def accuracy(X: np.ndarray, y: np.ndarray, Xte: np.ndarray, yte: np.ndarray) -> 
     return float((head.predict(Xte) == yte.astype(str)).mean())
 
 
+def relabelled(noisy: np.ndarray, proba: np.ndarray, flagged: np.ndarray) -> np.ndarray:
+    """``noisy`` with each flagged row given audit's suggestion: its most probable other class out of fold."""
+    others = proba[flagged].copy()
+    others[np.arange(len(flagged)), noisy[flagged]] = -1
+    out = noisy.copy()
+    out[flagged] = others.argmax(1)
+    return out
+
+
 def bench_set(name: str, work: Path, seeds: list[int], rates: list[float], kinds: list[str],
               results: dict, timings: dict) -> None:
     from tl_embed.audit.confident import METHODS, find_label_issues, label_quality, neighbour_label_proba
@@ -191,6 +202,7 @@ def bench_set(name: str, work: Path, seeds: list[int], rates: list[float], kinds
                 truth = np.setdiff1d(np.arange(len(ytr)), planted)
                 row["payoff"] = {"clean": clean_acc, "noisy": accuracy(Xtr, noisy, X[te], y[te]),
                                  DEFAULT: accuracy(Xtr[keep], noisy[keep], X[te], y[te]),
+                                 RELABEL: accuracy(Xtr, relabelled(noisy, proba, flags[DEFAULT]), X[te], y[te]),
                                  ORACLE: accuracy(Xtr[truth], noisy[truth], X[te], y[te])}
                 configs.append(((name, kind, rate), row, planted, noisy))
                 jobs.append((noisy, proba))
@@ -238,9 +250,9 @@ def print_tables(results: dict, timings: dict) -> None:
         for (name, kind, rate), rows in results.items():
             cells = [cell({metric: [r[meth][metric] for r in rows] for metric in rows[0][meth]}) for meth in methods]
             print(f"| {name} | {kind} {rate:.0%} | {rows[0]['m']} | " + " | ".join(cells) + " |")
-    paid = [DEFAULT, *(["cleanlab"] if have_cl else []), ORACLE]
+    paid = [DEFAULT, *(["cleanlab"] if have_cl else []), RELABEL, ORACLE]
     print("\n== payoff: held-out accuracy of the default head trained on ... ==")
-    less = " | ".join(f"less {m}" if m == ORACLE else f"less {m}'s flags" for m in paid)
+    less = " | ".join(f"less {m}" if m == ORACLE else m if m == RELABEL else f"less {m}'s flags" for m in paid)
     print(f"| set | noise | noisy labels | {less} | clean labels | "
           + " | ".join(f"recovered ({m})" for m in paid) + " |\n|---|---|" + "---|" * (2 + 2 * len(paid)))
     for (name, kind, rate), rows in results.items():
@@ -251,7 +263,8 @@ def print_tables(results: dict, timings: dict) -> None:
     pays = [{key: [r["payoff"][key] for r in rows] for key in rows[0]["payoff"]} for rows in results.values()]
     for m in paid:
         got = [g for g in (share(pay, m) for pay in pays) if g is not None]
-        print(f"  payoff, less {m}: of the {len(got)} combinations where the noise cost >= 1 point, "
+        what = m if m == RELABEL else f"less {m}"
+        print(f"  payoff, {what}: of the {len(got)} combinations where the noise cost >= 1 point, "
               f"{sum(g >= 0.5 for g in got)} recovered half or more"
               + (f" (median {np.median(got):.0%})" if got else ""))
     pairs = [("paper+knn", "paper"), ("margin", "paper"), ("margin+knn", "paper")]
