@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -285,7 +286,8 @@ def _load_application(bb: Backbone, weights: str, pooling: str, include_top: boo
     kwargs = dict(include_top=include_top, input_shape=(None, None, 3) if several else shape)
     if not include_top and pooling in ("avg", "max") and not several:  # Keras's own; else on the feature map
         kwargs["pooling"] = pooling
-    with keras_downloads(bb.name) as used:
+    with keras_downloads(bb.name) as used, warnings.catch_warnings():  # several scales: any size, on purpose
+        warnings.filterwarnings("ignore", message=".*input_shape. is undefined or non-square", category=UserWarning)
         try:
             net = ctor(weights=weights_arg, **kwargs)
         except (ValueError, OSError) as e:
