@@ -103,10 +103,10 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
 
     ``engine="ray"`` embeds on Ray actors (``ray`` says where and how many) with the same results.
     ``tta="flip"`` stores the mean of each image's and its mirror's embeddings (see :mod:`.tta`); a store
-    holds one setting, so updating it with another is refused; ``scales`` (multi-scale descriptors, see
-    :mod:`.pooling`) likewise.  ``precision`` likewise (see :mod:`.precision`):
-    ``int8`` quantizes the backbone on a sample of the folder and the store carries that model; ``auto`` is
-    the store's own precision when updating one.
+    holds one setting, so updating it with another is refused.  ``scales`` (multi-scale descriptors, see
+    :mod:`.pooling`) and ``precision`` likewise (see :mod:`.precision`): ``int8`` quantizes the backbone on
+    a sample of the folder and the store carries that model; ``auto`` is the store's own precision when
+    updating one.
 
     ``prune`` allows removing more than :data:`PRUNE_FREE` and :data:`PRUNE_SHARE` of the store (or all
     of it) when images are gone; without it such a run is refused before anything changes.
