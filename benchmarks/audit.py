@@ -232,24 +232,27 @@ def mean_std(values: list[float], fmt: str) -> str:
     return f"{format(np.mean(values), fmt)}±{format(np.std(values), fmt)}"
 
 
+def cost(pay: dict[str, list[float]]) -> float:
+    """The accuracy the planted noise cost, mean over replicates."""
+    return float(np.mean(pay["clean"]) - np.mean(pay["noisy"]))
+
+
 def share(pay: dict[str, list[float]], key: str) -> float | None:
     """The share of the accuracy the noise cost that ``key``'s training rows won back (None: it cost < 1 point)."""
-    cost = np.mean(pay["clean"]) - np.mean(pay["noisy"])
-    return float((np.mean(pay[key]) - np.mean(pay["noisy"])) / cost) if cost >= 0.01 else None
+    return float((np.mean(pay[key]) - np.mean(pay["noisy"])) / cost(pay)) if cost(pay) >= 0.01 else None
 
 
 def pooled(pays: list[dict[str, list[float]]], key: str) -> str:
     """Accuracy won back over accuracy lost, summed over ``pays`` (the cells): overall and per replicate."""
     won = np.array([np.subtract(pay[key], pay["noisy"]) for pay in pays])  # (cells, replicates)
-    cost = np.array([np.subtract(pay["clean"], pay["noisy"]) for pay in pays])
-    per = won.sum(0) / cost.sum(0)
-    return f"pooled {won.sum() / cost.sum():.0%} of the points lost (per replicate {mean_std(list(per), '.0%')})"
+    lost = np.array([np.subtract(pay["clean"], pay["noisy"]) for pay in pays])
+    per = won.sum(0) / lost.sum(0)
+    return f"pooled {won.sum() / lost.sum():.0%} of the points lost (per replicate {mean_std(list(per), '.0%')})"
 
 
 def recovered(pay: dict[str, list[float]], key: str) -> str:
     got = share(pay, key)
-    cost = np.mean(pay["clean"]) - np.mean(pay["noisy"])
-    return f"n/a (cost {100 * cost:+.2f} pt)" if got is None else f"{got:.0%}"
+    return f"n/a (cost {100 * cost(pay):+.2f} pt)" if got is None else f"{got:.0%}"
 
 
 def print_tables(results: dict, timings: dict) -> None:
@@ -276,7 +279,7 @@ def print_tables(results: dict, timings: dict) -> None:
         print(f"| {name} | {kind} {rate:.0%} | {accs} | " + " | ".join(recovered(pay, m) for m in paid) + " |")
     print("\n== summary over set x noise combinations (each the mean over seeds) ==")
     pays = [{key: [r["payoff"][key] for r in rows] for key in rows[0]["payoff"]} for rows in results.values()]
-    costly = [pay for pay in pays if share(pay, "noisy") is not None]
+    costly = [pay for pay in pays if cost(pay) >= 0.01]
     for m in paid:
         got = [share(pay, m) for pay in costly]
         what = m if m == RELABEL else f"less {m}"
