@@ -1,5 +1,5 @@
 """One-image `tl-embed predict` and `tl-embed search`, and `tl-embed embed` of 10 new images into an existing
-store, each a fresh process, timed end to end.
+store and into a new one, each a fresh process, timed end to end.
 
 Setup (temp folder): 30 real photos from ../shared/datasets/pets3 embedded with MobileNetV2 (genuine
 weights via a temporary KERAS_HOME), a logistic-regression head and a Flat index.  Then, per command:
@@ -11,7 +11,9 @@ weights via a temporary KERAS_HOME), a logistic-regression head and a Flat index
 * ``warm``: the median of the next --runs runs (IR and compiled blob cached, OS file cache warm).
 
 For ``embed`` each run adds the same 10 new photos to a fresh copy of the 30-photo store (the copy is made
-before the clock starts).  Each line also says whether the process imported TensorFlow.
+before the clock starts); for ``new store`` each run embeds those 10 photos into a new store (the last run's
+is deleted first), whose spec comes from the recipe the first build left (``tl_embed/embedding/recipes.py``).
+Each line also says whether the process imported TensorFlow.
 
     python benchmarks/startup.py [--runs 5]
 """
@@ -72,13 +74,16 @@ def main() -> None:
         for step in (["embed", str(photos), "--out", str(tmp / "s.tle")], ["train", str(tmp / "s.tle"), "--out",
                      str(tmp / "m.tlh")], ["index", str(tmp / "s.tle"), "--out", str(tmp / "i.tli")]):
             run(step, env)
-        for f in new:  # in the folder from now on; the store in s.tle does not hold them
-            (photos / f.parent.name / f.name).symlink_to(f.resolve())
+        for f in new:  # in the folder from now on (the store in s.tle does not hold them), and alone in ten/
+            for folder in (photos, tmp / "ten"):
+                (folder / f.parent.name).mkdir(parents=True, exist_ok=True)
+                (folder / f.parent.name / f.name).symlink_to(f.resolve())
         grown = tmp / "grown.tle"
         commands = {"predict": ["predict", str(tmp / "m.tlh"), query],
                     "search": ["search", str(tmp / "i.tli"), query, "-k", "5"],
-                    "embed": ["embed", str(photos), "--out", str(grown), "-q"]}
-        print(f"{'command':<9}{'case':<16}{'seconds':>9}  tensorflow imported")
+                    "embed": ["embed", str(photos), "--out", str(grown), "-q"],
+                    "new store": ["embed", str(tmp / "ten"), "--out", str(tmp / "new.tle"), "-q"]}
+        print(f"{'command':<11}{'case':<16}{'seconds':>9}  tensorflow imported")
         for name, cmd in commands.items():
             cache = tmp / f"cache_{name}"
             fresh = {**env, "TL_EMBED_CACHE": str(cache)}
@@ -87,6 +92,7 @@ def main() -> None:
                 if name == "embed":  # 10 new images each time: a fresh copy of the 30-image store
                     shutil.rmtree(grown, ignore_errors=True)
                     shutil.copytree(tmp / "s.tle", grown)
+                shutil.rmtree(tmp / "new.tle", ignore_errors=True)
                 return run(argv, fresh)
 
             rows = [("no IR cache", *timed(cmd)), ("keras runtime", *timed(cmd + ["--runtime", "keras"])),
@@ -95,7 +101,7 @@ def main() -> None:
             median = statistics.median(t for t, _ in warm)
             rows.append((f"warm (median {args.runs})", median, any(tf for _, tf in warm)))
             for case, seconds, tf in rows:
-                print(f"{name:<9}{case:<16}{seconds:>9.2f}  {'yes' if tf else 'no'}")
+                print(f"{name:<11}{case:<16}{seconds:>9.2f}  {'yes' if tf else 'no'}")
             shutil.rmtree(cache)
         print(json.dumps({"load_average": os.getloadavg()}))
 

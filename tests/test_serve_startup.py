@@ -1,4 +1,4 @@
-"""Start-up without TensorFlow: with the backbone's OpenVINO IR cached, predict and search never import it."""
+"""Start-up without TensorFlow: with the backbone's OpenVINO IR cached, predict, search and embed never import it."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import COLORS, ROOT, make_image
 from serve_data import build
@@ -54,7 +55,7 @@ def test_without_a_cached_ir_the_backbone_is_built_and_converted(served, tmp_pat
     assert probe("search", str(served.index), query, cache=str(cache))["tensorflow"] is False
 
 
-def test_adding_images_to_a_store_with_a_cached_ir_needs_no_tensorflow(tmp_path, tiny_model):
+def test_new_stores_and_added_images_with_a_cached_ir_need_no_tensorflow(tmp_path, tiny_model):
     from conftest import make_folder
 
     images = make_folder(tmp_path / "images", per_class=3)
@@ -62,19 +63,20 @@ def test_adding_images_to_a_store_with_a_cached_ir_needs_no_tensorflow(tmp_path,
     embed = ["embed", str(images), "--out", str(tmp_path / "s.tle"), "--model", tiny_model, "--layer", "features",
              "-q"]
     assert probe(*embed, cache=cache) == {"rc": 0, "tensorflow": True, "keras": True}  # built, converted, cached
+    another = [*embed[:3], str(tmp_path / "another.tle"), *embed[4:]]  # a new store, the same options
+    assert probe(*another, cache=cache) == {"rc": 0, "tensorflow": False, "keras": False}  # the recipe's spec
     make_image(images / "red" / "new.jpg", COLORS["red"], 777)
     assert probe(*embed, cache=cache) == {"rc": 0, "tensorflow": False, "keras": False}
     from tl_embed.embedding.store import EmbeddingStore
 
-    with EmbeddingStore.open(tmp_path / "s.tle") as store:
-        assert len(store) == 10
+    with EmbeddingStore.open(tmp_path / "s.tle") as store, EmbeddingStore.open(tmp_path / "another.tle") as other:
+        assert len(store) == 10 and other.spec == store.spec
+        np.testing.assert_array_equal(other.embeddings, store.embeddings[[store.position(p) for p in other.paths]])
     # the same image embedded by the freshly built model: the cached IR computes the store's function
     rebuilt = tmp_path / "r.tle"
     assert probe("embed", str(images), "--out", str(rebuilt), "--model", tiny_model, "--layer", "features", "-q",
                  "--runtime", "keras", cache=cache)["rc"] == 0
     with EmbeddingStore.open(tmp_path / "s.tle") as a, EmbeddingStore.open(rebuilt) as b:
-        import numpy as np
-
         new_a = a.embeddings[a.position("red/new.jpg")]
         new_b = b.embeddings[b.position("red/new.jpg")]
         np.testing.assert_allclose(new_a, new_b, rtol=1e-3, atol=1e-4)

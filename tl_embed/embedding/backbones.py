@@ -249,6 +249,7 @@ class LoadedBackbone:
 
     model: Any
     spec: BackboneSpec
+    source: str | None = None  # the file whose sha256 the spec records (recipes.py checks it on recall)
 
 
 def load_backbone(model: str, weights: str = "imagenet", pooling: str = "avg",
@@ -307,10 +308,9 @@ def _load_application(bb: Backbone, weights: str, pooling: str, include_top: boo
     net.trainable = False
     full = keras.Model(inputs, outputs, name=f"tl_embed_{bb.name}")
     dim = int(full.output_shape[-1])
-    label = "random" if weights_arg is None else weights
-    spec = BackboneSpec(bb.name, label, sha, sizes[-1], bb.preprocessing,
+    spec = BackboneSpec(bb.name, "random" if weights_arg is None else weights, sha, sizes[-1], bb.preprocessing,
                         "top" if include_top else pooling, dim, scales=scales)
-    return LoadedBackbone(full, spec)
+    return LoadedBackbone(full, spec, used[-1] if weights_arg == "imagenet" else weights_arg)
 
 
 def _resolve_weights(weights: str) -> tuple[str | None, str]:
@@ -395,6 +395,6 @@ def _load_custom(path_str: str, layer: str | None, pooling: str,
     full = keras.Model(inputs, x, name="tl_embed_custom")
     spec = BackboneSpec(path.name, str(path), sha256_file(path), int(size), pre, pooling,
                         int(full.output_shape[-1]), layer, extra={"model_path": str(path.resolve())})
-    return LoadedBackbone(full, spec)
+    return LoadedBackbone(full, spec, str(path))
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from ..cpus import cpu_count
 from ..errors import StoreDamagedError, StoreError, StoreReadOnlyError, TlEmbedError
 from ..wording import count
-from . import carried
+from . import carried, recipes
 from .backbones import (
     BackboneSpec,
     LoadedBackbone,
@@ -34,6 +34,7 @@ from .images import ImageDecodeError
 from .pooling import check_scales
 from .precision import check_precision, require_runnable
 from .ray_engine import RayOptions, embed_with_ray
+from .recipes import BackboneOptions
 from .runtime import OpenVINORuntime, Runtime, check_runtime, load_or_convert, make_runtime, read_cached, stream
 from .scan import ImageFile, Scan, is_utf8, scan
 from .sink import EmbedReport, StoreSink
@@ -149,12 +150,17 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
         if p.todo:
             require_runnable(store.spec.precision if store is not None else asked or check_precision("auto"))
         backbone, cached, ov_model = None, None, None
-        if p.todo and store is not None and engine == "local" and loader is load_backbone:
-            cached = _cached_runtime(store.spec, model, weights, layer, preprocess, runtime)
+        options = BackboneOptions(model, weights, pooling, layer, preprocess, scales)
+        if p.todo and engine == "local" and loader is load_backbone:
+            if store is not None:
+                cached = _cached_runtime(store.spec, model, weights, layer, preprocess, runtime)
+            elif (spec := _recalled(options, tta, asked)) and (cached := _from_cache(spec, runtime)):
+                store = EmbeddingStore.create(out, spec, dtype=dtype, root=root)
         if p.todo and cached is None:
-            backbone = backbone_with_tta(
-                loader(model, weights=weights, pooling=pooling, layer=layer, preprocess=preprocess, scales=scales),
-                tta)
+            loaded = loader(model, weights=weights, pooling=pooling, layer=layer, preprocess=preprocess, scales=scales)
+            if loader is load_backbone:
+                recipes.remember(options, loaded)
+            backbone = backbone_with_tta(loaded, tta)
             if store is None:
                 backbone, ov_model, files = _reduce(backbone, asked or check_precision("auto"), p.todo, runtime,
                                                     report, progress)
@@ -228,15 +234,28 @@ def _cached_runtime(spec: BackboneSpec, model: str, weights: str, layer: str | N
     computes the store's function.  The files the options name are hashed and compared with the store's
     record, so a changed model or weights file is rebuilt (and refused) as before.
     """
-    if check_runtime(runtime) == "keras":
-        return None
     if is_custom_model(model):
         same = (Path(model).is_file() and sha256_file(model) == spec.weights_sha256 and layer == spec.layer
                 and preprocess in (None, spec.preprocessing))
     else:
         same = weights == spec.weights and (weights in ("imagenet", "none")
                                             or sha256_file(weights) == spec.weights_sha256)
-    if not same:
+    return _from_cache(spec, runtime) if same else None
+
+
+def _recalled(options: BackboneOptions, tta: str, precision: str | None) -> BackboneSpec | None:
+    """A new store's spec without building its backbone: the recipe's (:mod:`.recipes`), with these settings.
+
+    Not for int8: its model is quantized on this folder's images, so it is made anew for every store.
+    """
+    precision = precision or check_precision("auto")
+    spec = recipes.recall(options) if precision != "int8" else None
+    return replace(spec, tta=tta, precision=precision) if spec else None
+
+
+def _from_cache(spec: BackboneSpec, runtime: str) -> Runtime | None:
+    """The runtime of ``spec`` from its cached IR (no TensorFlow), or None: not cached, or Keras asked for."""
+    if check_runtime(runtime) == "keras":
         return None
     try:
         run = OpenVINORuntime.from_cache(spec)
