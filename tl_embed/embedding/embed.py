@@ -34,7 +34,6 @@ from .images import ImageDecodeError
 from .pooling import check_scales
 from .precision import check_precision, require_runnable
 from .ray_engine import RayOptions, embed_with_ray
-from .recipes import BackboneOptions
 from .runtime import OpenVINORuntime, Runtime, check_runtime, load_or_convert, make_runtime, read_cached, stream
 from .scan import ImageFile, Scan, is_utf8, scan
 from .sink import EmbedReport, StoreSink
@@ -150,7 +149,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
         if p.todo:
             require_runnable(store.spec.precision if store is not None else asked or check_precision("auto"))
         backbone, cached, ov_model = None, None, None
-        options = BackboneOptions(model, weights, pooling, layer, preprocess, scales)
+        options = recipes.BackboneOptions(model, weights, pooling, layer, preprocess, scales)
         if p.todo and engine == "local" and loader is load_backbone:
             if store is not None:
                 cached = _cached_runtime(store.spec, model, weights, layer, preprocess, runtime)
@@ -243,7 +242,7 @@ def _cached_runtime(spec: BackboneSpec, model: str, weights: str, layer: str | N
     return _from_cache(spec, runtime) if same else None
 
 
-def _recalled(options: BackboneOptions, tta: str, precision: str | None) -> BackboneSpec | None:
+def _recalled(options: recipes.BackboneOptions, tta: str, precision: str | None) -> BackboneSpec | None:
     """A new store's spec without building its backbone: the recipe's (:mod:`.recipes`), with these settings.
 
     Not for int8: its model is quantized on this folder's images, so it is made anew for every store.
