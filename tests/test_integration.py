@@ -20,11 +20,15 @@ def hymenoptera_store(tmp_path_factory, keras_home):
     return out, report
 
 
-def test_real_photos_embed_with_genuine_weights(hymenoptera_store, keras_home):
+def test_real_photos_embed_with_genuine_weights(hymenoptera_store, keras_home, monkeypatch):
+    from tl_embed.embedding.recipes import BackboneOptions, recall
+
     out, report = hymenoptera_store
     assert report.embedded == 398 and not report.failed
     weights = keras_home / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
     assert report.spec.weights_sha256 == sha256_file(weights)
+    monkeypatch.setenv("KERAS_HOME", str(keras_home))  # the recipe is of the ImageNet file in this Keras cache
+    assert recall(BackboneOptions("mobilenet_v2")) == report.spec
     with EmbeddingStore.open(out) as s:
         x, labels, splits = np.asarray(s.embeddings), s.labels, s.splits
     # ImageNet features separate ants from bees: nearest class centroid gets most val images right
