@@ -2,11 +2,11 @@
 
 A store records its backbone's whole spec (the weights file's sha256, the dimension, ...), and only a
 Keras build could tell it: every new store paid TensorFlow's import and the build (about 8 s on 2 cores,
-most of a small folder's run) even when the converted model was already cached.  Each build by
-:func:`~.backbones.load_backbone` now leaves a recipe beside the converted models: the options, the spec
-they gave, and the file whose sha256 that spec records (model, weights or Keras's ImageNet file).  A later
-store made with the same options reads the spec back, and gets it only while that file still hashes to
-it; a changed file, another Keras cache or another spelling of a path is simply a new recipe.
+most of a small folder's run) even when the converted model was already cached.  Each build ``embed``
+runs now leaves a recipe beside the converted models: the options, the spec they gave, and the file whose
+sha256 that spec records (model, weights or Keras's ImageNet file).  A later store made with the same
+options reads the spec back, and gets it only while that file still hashes to it; a changed file, another
+Keras cache or another spelling of a path is simply a new recipe.
 """
 
 from __future__ import annotations
