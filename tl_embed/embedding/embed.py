@@ -150,10 +150,10 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model: str =
             require_runnable(store.spec.precision if store is not None else asked or check_precision("auto"))
         backbone, cached, ov_model = None, None, None
         options = recipes.BackboneOptions(model, weights, pooling, layer, preprocess, scales)
-        if p.todo and engine == "local" and loader is load_backbone:
+        if p.todo and engine == "local" and loader is load_backbone and check_runtime(runtime) != "keras":
             if store is not None:
-                cached = _cached_runtime(store.spec, model, weights, layer, preprocess, runtime)
-            elif (spec := _recalled(options, tta, asked)) and (cached := _from_cache(spec, runtime)):
+                cached = _cached_runtime(store.spec, model, weights, layer, preprocess)
+            elif (spec := _recalled(options, tta, asked)) and (cached := _from_cache(spec)):
                 store = EmbeddingStore.create(out, spec, dtype=dtype, root=root)
         if p.todo and cached is None:
             loaded = loader(model, weights=weights, pooling=pooling, layer=layer, preprocess=preprocess, scales=scales)
@@ -224,8 +224,8 @@ def _nothing_found(root: Path, found: Scan) -> str:
     return msg
 
 
-def _cached_runtime(spec: BackboneSpec, model: str, weights: str, layer: str | None, preprocess: str | None,
-                    runtime: str) -> Runtime | None:
+def _cached_runtime(spec: BackboneSpec, model: str, weights: str, layer: str | None,
+                    preprocess: str | None) -> Runtime | None:
     """The store's own converted model from the cache, when the options name exactly that model.
 
     Adding images to a store needs no TensorFlow import and no Keras build when its backbone's OpenVINO
@@ -239,7 +239,7 @@ def _cached_runtime(spec: BackboneSpec, model: str, weights: str, layer: str | N
     else:
         same = weights == spec.weights and (weights in ("imagenet", "none")
                                             or sha256_file(weights) == spec.weights_sha256)
-    return _from_cache(spec, runtime) if same else None
+    return _from_cache(spec) if same else None
 
 
 def _recalled(options: recipes.BackboneOptions, tta: str, precision: str | None) -> BackboneSpec | None:
@@ -252,10 +252,8 @@ def _recalled(options: recipes.BackboneOptions, tta: str, precision: str | None)
     return replace(spec, tta=tta, precision=precision) if spec else None
 
 
-def _from_cache(spec: BackboneSpec, runtime: str) -> Runtime | None:
-    """The runtime of ``spec`` from its cached IR (no TensorFlow), or None: not cached, or Keras asked for."""
-    if check_runtime(runtime) == "keras":
-        return None
+def _from_cache(spec: BackboneSpec) -> Runtime | None:
+    """The runtime of ``spec`` from its cached IR (no TensorFlow), or None when it is not cached."""
     try:
         run = OpenVINORuntime.from_cache(spec)
     except ImportError:

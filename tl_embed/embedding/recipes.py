@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
+from ..files import atomic_write
 from .backbones import BackboneSpec, LoadedBackbone, converted_cache_dir, is_custom_model, keras_cache_dir, sha256_file
 
 FOLDER = "recipes"
@@ -53,10 +52,7 @@ def remember(options: BackboneOptions, backbone: LoadedBackbone) -> None:
     record = json.dumps({"spec": backbone.spec.to_dict(), "source": str(Path(backbone.source).absolute())})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(record)
-        os.replace(tmp, path)  # readers see the old recipe or the new one, never half of one
+        atomic_write(path, lambda f: f.write(record.encode()))  # readers see the old recipe or the new one
     except OSError:
         return  # a read-only or full cache: the next store builds the model again, as before
 
