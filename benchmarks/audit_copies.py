@@ -96,7 +96,7 @@ def bench_set(name: str, work: Path) -> None:
     held_rows = np.array([r for path, r in row.items() if path.startswith(SPLIT_SETS[name][1] + "/")])
     sims = U[held_rows] @ U[train_rows].T  # every held-out photo against every training image, copies included
     copy_of = {row[original]: row[copy] for copy, (original, _) in planted.items()}
-    is_copy = np.array([[copy_of.get(h) == t for t in train_rows] for h in held_rows])
+    is_copy = train_rows[None, :] == np.array([copy_of.get(h, -1) for h in held_rows])[:, None]
     nearest_is_copy = np.mean([is_copy[i, sims[i].argmax()] for i in range(len(held_rows)) if is_copy[i].any()])
     print(f"\n{name}: {len(row)} images ({len(planted)} planted copies), embed {embed_s:.0f} s, audit {audit_s:.1f} s",
           flush=True)
@@ -115,7 +115,8 @@ def bench_set(name: str, work: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", nargs="+", default=list(SPLIT_SETS), choices=list(SPLIT_SETS))
-    ap.add_argument("--work", type=Path, default=None, help="where the copied sets and stores go (default: a temp dir)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="an empty folder for the copied sets and their stores (default: a temp dir)")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     print(describe_cpu(), flush=True)
